@@ -63,7 +63,7 @@ class Field(c.Construct):  # type: ignore[misc]
         return obj
 
     def wire_type(self) -> str:
-        return f"{self.size} bytes"
+        return f"{self.size} byte{'s' if self.size != 1 else ''}"
 
     def bounds(self) -> str:
         return ""
@@ -282,17 +282,18 @@ class Mac(Field):
 
 
 class Named:
-    """A field of a Record: name (None for constants), construct, meaning."""
+    """A field of a Record: name, construct, meaning.  Constants are checked, not stored."""
 
-    __slots__ = ("doc", "name", "subcon")
+    __slots__ = ("doc", "name", "stored", "subcon")
 
-    def __init__(self, name: str | None, subcon: c.Construct, doc: str) -> None:
+    def __init__(self, name: str, subcon: c.Construct, doc: str) -> None:
         self.name = name
         self.subcon = subcon
         self.doc = doc
+        self.stored = not isinstance(subcon, Constant)
 
 
-def field(name: str | None, subcon: c.Construct, doc: str) -> Named:
+def field(name: str, subcon: c.Construct, doc: str) -> Named:
     """A field with its meaning, as rendered into docs/wire-format.md."""
     return Named(name, subcon, doc)
 
@@ -301,7 +302,7 @@ class Record(c.Construct):  # type: ignore[misc]
     """A sequence of fields that decodes to (and encodes from) a frozen dataclass.
 
     Fields are parsed in order, each from the current stream position
-    (forward only).  Unnamed fields are constants: checked, not stored.
+    (forward only).  Constant fields (magic, reserved) are checked, not stored.
     ``rules`` are the cross-field refinements (property 8): each is a
     ``(description, predicate)`` pair checked after parsing and before
     building, so an invalid combination can be neither read nor written.
@@ -313,7 +314,7 @@ class Record(c.Construct):  # type: ignore[misc]
         self.cls = cls
         self.members = members
         self.names = tuple(f.name for f in dataclass_fields(cls))
-        named = tuple(f.name for f in members if f.name is not None)
+        named = tuple(f.name for f in members if f.stored)
         if named != self.names:
             raise TypeError(f"{cls.__name__}: schema fields {named} != dataclass fields {self.names}")
         self.rules = tuple(rules)
@@ -328,7 +329,7 @@ class Record(c.Construct):  # type: ignore[misc]
         values = []
         for member in self.members:
             value = member.subcon._parse(stream, context, path)
-            if member.name is not None:
+            if member.stored:
                 values.append(value)
         return self.check_rules(self.cls(*values))
 
@@ -337,7 +338,7 @@ class Record(c.Construct):  # type: ignore[misc]
             raise Reject(FrameErrorKind.MALFORMED, f"expected {self.cls.__name__}, got {type(obj).__name__}")
         self.check_rules(obj)
         for member in self.members:
-            value = None if member.name is None else getattr(obj, member.name)
+            value = getattr(obj, member.name) if member.stored else None
             member.subcon._build(value, stream, context, path)
         return obj
 

@@ -195,6 +195,8 @@ class Header:
 
 @dataclass(frozen=True, slots=True)
 class PciAddress:
+    """A PCI function address (domain:bus:device.function)."""
+
     domain: int
     bus: int
     device: int
@@ -209,17 +211,23 @@ class PciAddress:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """Handshake 1: the controller opens a session with a fresh nonce."""
+
     controller_nonce: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Challenge:
+    """Handshake 2: the agent's nonce and its proof of the channel secret."""
+
     agent_nonce: bytes
     agent_proof: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Proof:
+    """Handshake 3: the controller's proof of the channel secret."""
+
     controller_proof: bytes
 
 
@@ -228,11 +236,15 @@ class Proof:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
+    """Liveness check; answered with PONG."""
+
     token: int
 
 
 @dataclass(frozen=True, slots=True)
 class StartInstance:
+    """Launch an instance from a signed image; answered with INSTANCE_INFO."""
+
     instance_id: uuid.UUID
     vcpus: int
     memory_mib: int
@@ -242,6 +254,8 @@ class StartInstance:
 
 @dataclass(frozen=True, slots=True)
 class StopInstance:
+    """Stop an instance; answered with INSTANCE_INFO."""
+
     instance_id: uuid.UUID
     mode: StopMode
     timeout_s: int
@@ -249,6 +263,8 @@ class StopInstance:
 
 @dataclass(frozen=True, slots=True)
 class AttachVolume:
+    """Hot-plug a block device; answered with VOLUME_STATUS."""
+
     instance_id: uuid.UUID
     volume_id: uuid.UUID
     source: VolumeSource
@@ -257,12 +273,16 @@ class AttachVolume:
 
 @dataclass(frozen=True, slots=True)
 class DetachVolume:
+    """Unplug a block device; answered with VOLUME_STATUS."""
+
     instance_id: uuid.UUID
     volume_id: uuid.UUID
 
 
 @dataclass(frozen=True, slots=True)
 class AssignVf:
+    """Bind a free VF of a physical function to vfio-pci and hot-plug it; answered with VF_STATUS."""
+
     instance_id: uuid.UUID
     pf: PciAddress
     mac: bytes
@@ -271,27 +291,33 @@ class AssignVf:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseVf:
+    """Unplug a VF and return it to the pool; answered with VF_STATUS."""
+
     instance_id: uuid.UUID
     vf: PciAddress
 
 
 @dataclass(frozen=True, slots=True)
 class DescribeInstance:
+    """Read one instance; answered with INSTANCE_INFO."""
+
     instance_id: uuid.UUID
 
 
 @dataclass(frozen=True, slots=True)
 class ListInstances:
-    pass
+    """Read all instances; answered with INSTANCE_LIST."""
 
 
 @dataclass(frozen=True, slots=True)
 class GetMetrics:
-    pass
+    """Pull the agent's gauges and counters; answered with METRICS."""
 
 
 @dataclass(frozen=True, slots=True)
 class GetEvents:
+    """Pull queued events after a cursor; answered with EVENTS."""
+
     after: int
     limit: int
 
@@ -301,11 +327,15 @@ class GetEvents:
 
 @dataclass(frozen=True, slots=True)
 class Pong:
+    """Answer to PING."""
+
     token: int
 
 
 @dataclass(frozen=True, slots=True)
 class InstanceInfo:
+    """One instance, with the host resources it holds."""
+
     instance_id: uuid.UUID
     state: InstanceState
     vcpus: int
@@ -318,6 +348,8 @@ class InstanceInfo:
 
 @dataclass(frozen=True, slots=True)
 class InstanceSummary:
+    """One row of INSTANCE_LIST."""
+
     instance_id: uuid.UUID
     state: InstanceState
     vcpus: int
@@ -326,11 +358,15 @@ class InstanceSummary:
 
 @dataclass(frozen=True, slots=True)
 class InstanceList:
+    """All instances known to the agent."""
+
     instances: tuple[InstanceSummary, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class VolumeStatus:
+    """Result of ATTACH_VOLUME or DETACH_VOLUME."""
+
     instance_id: uuid.UUID
     volume_id: uuid.UUID
     state: VolumeState
@@ -338,6 +374,8 @@ class VolumeStatus:
 
 @dataclass(frozen=True, slots=True)
 class VfStatus:
+    """Result of ASSIGN_VF or RELEASE_VF."""
+
     instance_id: uuid.UUID
     vf: PciAddress
     vf_index: int
@@ -346,17 +384,23 @@ class VfStatus:
 
 @dataclass(frozen=True, slots=True)
 class MetricSample:
+    """One gauge or counter."""
+
     metric: MetricId
     value: int
 
 
 @dataclass(frozen=True, slots=True)
 class Metrics:
+    """Answer to GET_METRICS."""
+
     samples: tuple[MetricSample, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """Something that happened on its own, queued until pulled."""
+
     cursor: int
     time_ms: int
     kind: EventKind
@@ -366,12 +410,16 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Events:
+    """Answer to GET_EVENTS."""
+
     next_cursor: int
     events: tuple[Event, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Error:
+    """A command was refused or failed; the code is from a closed set."""
+
     code: ErrorCode
 
 

@@ -33,14 +33,14 @@ from .fields import (
 
 HEADER = Record(
     m.Header,
-    field(None, Constant(m.MAGIC, FrameErrorKind.BAD_MAGIC), "magic: identifies the protocol"),
-    field(None, Constant(bytes([m.VERSION]), FrameErrorKind.BAD_VERSION), "version: protocol version"),
+    field("magic", Constant(m.MAGIC, FrameErrorKind.BAD_MAGIC), "identifies the protocol"),
+    field("version", Constant(bytes([m.VERSION]), FrameErrorKind.BAD_VERSION), "protocol version"),
     field("type", StrictEnum(1, m.MessageType, FrameErrorKind.UNKNOWN_TYPE), "message type (table below)"),
     field("flags", StrictFlags(2, m.Flags), "MAC: a MAC trailer follows the payload"),
     field("seq", UInt(8), "sequence number; the channel requires it to increase by one per direction"),
     field("fd_count", UInt(1, 0, m.MAX_FDS, FrameErrorKind.FD_COUNT_MISMATCH),
           "descriptors sent with this frame (SCM_RIGHTS); must equal what the message requires"),
-    field(None, Constant(b"\x00", FrameErrorKind.RESERVED_NONZERO), "reserved"),
+    field("reserved", Constant(b"\x00", FrameErrorKind.RESERVED_NONZERO), "reserved"),
     field("length", UInt(2, 0, m.MAX_PAYLOAD, FrameErrorKind.OVERSIZED), "payload length in bytes"),
 )
 
