@@ -1,0 +1,25 @@
+"""Benchmarks: ``python -m bench [NAME ...] [--quick] [--list]``.
+
+Each benchmark is a module with ``run(profile) -> Iterator[Result]`` (see
+``harness.py``); each result is printed as one JSON line on stdout with
+``name``, ``ours``, ``baseline``, ``ratio`` and ``unit`` (DESIGN.md, "Public
+contracts").  Progress goes to stderr, so stdout can be piped into a tool.
+
+Modules are imported only when selected, so one benchmark's dependencies (a
+QEMU binary, a running controller) never slow down or break another.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Benchmark(NamedTuple):
+    module: str  # imported lazily; must define run(profile) -> Iterator[Result]
+    summary: str  # one line for --list
+
+
+# The closed set of benchmark names.  Adding a benchmark is one line here.
+BENCHMARKS: dict[str, Benchmark] = {
+    "wire": Benchmark("bench.wire", "agent-channel codec: decode/encode of every message vs hand-written struct code"),
+}
