@@ -25,9 +25,19 @@ import enum
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .wire.messages import PciAddress, StopMode
+
+
+def volume_device_id(volume_id: uuid.UUID) -> str:
+    """The VMM device id of a volume; part of the contract so that recovery can compare."""
+    return f"vol-{volume_id.hex}"
+
+
+def vf_device_id(vf: PciAddress) -> str:
+    """The VMM device id of an assigned VF."""
+    return f"vf-{vf.domain:04x}-{vf.bus:02x}-{vf.device:02x}-{vf.function:x}"
 
 
 class BackendFailure(enum.Enum):
@@ -68,7 +78,7 @@ class VmRecord:
     pid_start_ticks: int  # field 22 of /proc/PID/stat: tells a reused pid apart
     runtime_dir: Path
     monitor: Path | None = None  # socket the VMM's monitor connects to, if any
-    devices: tuple[str, ...] = field(default=())  # device ids currently plugged
+    devices: tuple[str, ...] = field(default=())  # ids (volume_device_id, vf_device_id) currently plugged
 
 
 @dataclass(frozen=True)
@@ -91,23 +101,28 @@ class VmHandle(Protocol):
     def record(self) -> VmRecord: ...
 
 
-class VmBackend(Protocol):
+Handle = TypeVar("Handle", bound=VmHandle)
+
+
+class VmBackend(Protocol[Handle]):
+    """A backend is generic over its own handle type; the service only passes handles back."""
+
     name: str
 
-    async def launch(self, spec: LaunchSpec) -> VmHandle: ...
+    async def launch(self, spec: LaunchSpec) -> Handle: ...
 
-    async def adopt(self, record: VmRecord) -> VmHandle: ...
+    async def adopt(self, record: VmRecord) -> Handle: ...
 
-    async def stop(self, handle: VmHandle, mode: StopMode, timeout_s: float) -> None: ...
+    async def stop(self, handle: Handle, mode: StopMode, timeout_s: float) -> None: ...
 
-    async def attach_volume(self, handle: VmHandle, volume: VolumeSpec) -> None: ...
+    async def attach_volume(self, handle: Handle, volume: VolumeSpec) -> None: ...
 
-    async def detach_volume(self, handle: VmHandle, volume_id: uuid.UUID) -> None: ...
+    async def detach_volume(self, handle: Handle, volume_id: uuid.UUID) -> None: ...
 
-    async def attach_vf(self, handle: VmHandle, vf: PciAddress) -> None: ...
+    async def attach_vf(self, handle: Handle, vf: PciAddress) -> None: ...
 
-    async def detach_vf(self, handle: VmHandle, vf: PciAddress) -> None: ...
+    async def detach_vf(self, handle: Handle, vf: PciAddress) -> None: ...
 
-    async def wait_exit(self, handle: VmHandle) -> ExitInfo: ...
+    async def wait_exit(self, handle: Handle) -> ExitInfo: ...
 
     async def detach_monitors(self) -> None: ...

@@ -1,0 +1,136 @@
+"""Provision and start a development host agent in one directory.
+
+Used by the end-to-end tests now and by ``pvctl dev up`` later.  ``prepare``
+writes the channel secret, a fresh image-signing key pair, one signed image
+(the tiny guest for the qemu backend, placeholder blobs for sim), the
+directories and an agent.toml.  ``start`` launches ``passivisor-agent`` in the
+background and waits for its ready line.  Nothing here weakens the agent: it
+runs with the same configuration checks, seccomp filter and key handling as in
+production.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostagent.channel import load_secret, write_secret
+from hostagent.images import generate_signing_key, load_private_key, publish
+
+SIM_CMDLINE = "console=ttyS0 panic=-1 quiet"
+READY_MARK = "passivisor-agent: ready on "
+
+
+@dataclass(frozen=True)
+class AgentHost:
+    directory: Path
+    config: Path
+    socket: Path
+    secret_file: Path
+    signing_key: Path
+    volume_dir: Path
+    runtime_dir: Path
+    state_dir: Path
+    image_digest: bytes
+    image_signature: bytes
+    log: Path
+
+    def secret(self) -> bytes:
+        return load_secret(self.secret_file)
+
+
+def prepare(directory: Path, *, backend: str = "sim", sysfs_root: Path = Path("/sys"),
+            reserved_cpus: tuple[int, ...] = (), memory_budget_mib: int = 4096, accel: str = "tcg",
+            seccomp: bool = True, idle_timeout_s: float = 300.0, frame_timeout_s: float = 2.0,
+            handshake_timeout_s: float = 2.0) -> AgentHost:
+    directory = directory.absolute()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys, images = directory / "keys", directory / "images"
+    state, run, volumes = directory / "state", directory / "run", directory / "volumes"
+    for path in (keys, images, state, run, volumes):
+        path.mkdir(mode=0o700, exist_ok=True)
+    secret_file = keys / "channel.key"
+    if not secret_file.exists():
+        write_secret(secret_file, secrets.token_bytes(32))
+    private, public = keys / "image-signing.key", keys / "image-signing.pub"
+    if not private.exists():
+        generate_signing_key(private, public)
+    if backend == "qemu":
+        from .guest import build_guest
+
+        guest = build_guest()
+        image = publish(images, guest.kernel, guest.initramfs, guest.cmdline, load_private_key(private))
+    else:
+        image = publish(images, b"sim kernel\n", b"sim initrd\n", SIM_CMDLINE, load_private_key(private))
+    config = directory / "agent.toml"
+    cpus = ", ".join(str(cpu) for cpu in reserved_cpus)
+    config.write_text(f"""\
+[agent]
+socket = "{directory / 'agent.sock'}"
+state_dir = "{state}"
+runtime_dir = "{run}"
+volume_dir = "{volumes}"
+channel_secret_file = "{secret_file}"
+controller_uid = {os.getuid()}
+backend = "{backend}"
+log_level = "info"
+
+[limits]
+handshake_timeout_s = {handshake_timeout_s}
+idle_timeout_s = {idle_timeout_s}
+frame_timeout_s = {frame_timeout_s}
+
+[host]
+sysfs_root = "{sysfs_root}"
+reserved_cpus = [{cpus}]
+memory_budget_mib = {memory_budget_mib}
+
+[images]
+store = "{images}"
+signing_public_key = "{public}"
+
+[qemu]
+accel = "{accel}"
+
+[sandbox]
+seccomp = {'true' if seccomp else 'false'}
+""")
+    return AgentHost(directory, config, directory / "agent.sock", secret_file, private, volumes, run, state,
+                     image.digest, image.signature, directory / "agent.log")
+
+
+def start(host: AgentHost, *, timeout: float = 30.0) -> subprocess.Popen[bytes]:
+    """Start the agent in its own session, logging to ``host.log``; return once it listens."""
+    offset = host.log.stat().st_size if host.log.exists() else 0
+    with open(host.log, "ab") as log:
+        child = subprocess.Popen(  # noqa: S603 - fixed argv
+            [sys.executable, "-m", "hostagent.main", "--config", str(host.config)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = host.log.read_bytes()[offset:].decode(errors="replace")
+        if READY_MARK in text:
+            return child
+        if child.poll() is not None:
+            raise RuntimeError(f"passivisor-agent exited with {child.returncode}:\n{text[-2000:]}")
+        time.sleep(0.05)
+    stop(child)
+    raise RuntimeError("passivisor-agent did not become ready in time")
+
+
+def stop(child: subprocess.Popen[bytes], *, timeout: float = 10.0) -> int:
+    """SIGTERM (the agent detaches from running VMs and exits), then SIGKILL if it hangs."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return child.returncode

@@ -1,0 +1,127 @@
+"""passivisor-agent: start the passive host agent from agent.toml.
+
+Start-up order matters for the passivity claims (C1, C6, C15): everything
+that needs privileges or files outside the state directories happens first
+(configuration, channel secret, image-signing key, CPU topology, SR-IOV
+discovery, the journal, binding the listening socket); then the seccomp
+filter is installed; only then does the agent adopt running VMs and accept
+its first connection.  From that point on the process cannot create a socket
+of any family but AF_UNIX.
+
+SIGTERM and SIGINT stop the listener and detach from the VMs without stopping
+them, so the agent can be restarted or upgraded under running guests (C10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import journal as journal_mod
+from .backend import VmBackend
+from .channel import ChannelError, load_secret
+from .config import AgentConfig, ConfigError
+from .config import load as load_config
+from .images import ImageStore, KeyFileError, load_public_key
+from .inventory import allocator as alloc
+from .inventory import cpu, sriov
+from .server import AgentServer, Limits
+from .service import AgentService
+
+log = logging.getLogger("passivisor.agent")
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says what to fix."""
+
+
+def _backend(config: AgentConfig) -> VmBackend[Any]:
+    if config.backend == "sim":
+        from .backends.sim import SimBackend
+
+        return SimBackend()
+    from .backends.qemu import QemuBackend
+
+    return QemuBackend(qemu_binary=config.qemu_binary, accel=config.qemu_accel)
+
+
+def build(config: AgentConfig) -> tuple[AgentService, AgentServer]:
+    """Everything that reads configuration, keys, sysfs and the journal (before the sandbox)."""
+    for directory in (config.state_dir, config.runtime_dir, config.volume_dir):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        secret = load_secret(config.channel_secret_file)
+        public_key = load_public_key(config.image_signing_public_key)
+        topology = cpu.read_topology(config.sysfs_root / "devices" / "system" / "cpu")
+        allocator = alloc.CoreAllocator(topology, memory_budget_mib=config.memory_budget_mib,
+                                        reserved_cpus=config.reserved_cpus)
+        sysfs = sriov.HostSysfs(config.sysfs_root)
+        wanted = [sriov.parse_bdf(text) for text in config.sriov_pfs] or None
+        pool = sriov.VfPool(sriov.discover_pfs(sysfs, wanted))
+        state = journal_mod.Journal(config.state_dir).load()
+    except (ChannelError, KeyFileError, cpu.TopologyError, alloc.AllocatorError, sriov.SriovError,
+            journal_mod.JournalError) as exc:
+        raise StartupError(str(exc)) from None
+    service = AgentService(
+        state=state, journal=journal_mod.Journal(config.state_dir), backend=_backend(config), allocator=allocator,
+        vf_pool=pool, vf_binder=sriov.SysfsVfBinder(sysfs), images=ImageStore(config.image_store, public_key),
+        volume_dir=config.volume_dir, runtime_root=config.runtime_dir)
+    limits = Limits(config.handshake_timeout_s, config.idle_timeout_s, config.frame_timeout_s)
+    server = AgentServer(service, socket_path=config.socket, secret=secret, controller_uid=config.controller_uid,
+                         limits=limits)
+    return service, server
+
+
+async def run(config: AgentConfig) -> None:
+    service, server = build(config)
+    server.bind()
+    if config.seccomp:
+        from . import sandbox
+
+        sandbox.install()
+        log.info("seccomp filter installed: socket families other than AF_UNIX are refused")
+    else:
+        log.warning("seccomp is disabled in the configuration")
+    report = await service.recover()
+    log.info("recovered: %d adopted, %d ended, %d mismatches",
+             len(report.adopted), len(report.ended), len(report.mismatches))
+    for mismatch in report.mismatches:
+        log.warning("reconcile mismatch: %s", mismatch)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.stop)
+    log.info("listening on %s (backend %s)", config.socket, config.backend)
+    print(f"passivisor-agent: ready on {config.socket}", file=sys.stderr, flush=True)
+    try:
+        await server.serve()
+    finally:
+        await service.detach()
+        log.info("stopped; running instances were left running")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="passivisor-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="path to agent.toml")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"passivisor-agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run(config))
+    except StartupError as exc:
+        print(f"passivisor-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

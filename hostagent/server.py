@@ -1,0 +1,267 @@
+"""The agent's listener: one Unix socket, one controller session at a time (claims C1, C11).
+
+Theory of operation.  The agent creates, binds and listens on its socket; it
+never calls connect(2).  For each accepted connection it checks the peer's uid
+(SO_PEERCRED) against the configured controller uid and refuses a second
+session while one is open.  A session then runs the handshake of
+``channel.py`` and, once authenticated, a strict loop: read exactly one frame,
+open it (MAC and sequence), hand the message to the service, seal and send the
+one answer.  The agent never sends anything unprompted.
+
+Reads never go past the end of the current frame (``FrameDecoder.bytes_needed``),
+so descriptors passed with SCM_RIGHTS arrive with the frame they belong to,
+and their number is checked against the frame's ``fd_count``.
+
+Deadlines: the handshake must finish within ``handshake_timeout``; between
+frames the controller may stay idle for ``idle_timeout``; once the first byte
+of a frame has arrived the whole frame must arrive within ``frame_timeout``
+(a peer that sends half a frame and stalls is cut off).
+
+Any violation (malformed frame, bad MAC, replay, wrong uid, timeout) closes
+the session with a logged reason, bumps a counter and queues a
+SESSION_REJECTED event; running instances and the rest of the state are not
+touched, because nothing reaches the service before a frame is fully
+validated and authenticated.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import wire
+from .channel import AgentHandshake, ChannelError, ChannelFailure, Session
+from .service import AgentService
+from .wire import messages as m
+
+log = logging.getLogger("passivisor.agent.server")
+
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SIZE = socket.CMSG_SPACE(m.MAX_FDS * _FD_SIZE)
+
+
+class SessionClosed(Exception):
+    """The session ended; ``reason`` is for the log and the event."""
+
+    def __init__(self, reason: m.EventReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Limits:
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    frame_timeout: float = 5.0
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class FrameChannel:
+    """Frame-aligned reads and writes on one non-blocking Unix stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = wire.FrameDecoder(wire.Direction.TO_AGENT)
+        self._loop = asyncio.get_running_loop()
+
+    async def read_frame(self, idle_timeout: float, frame_timeout: float) -> tuple[wire.Frame, list[int]]:
+        fds: list[int] = []
+        deadline: float | None = None
+        try:
+            while True:
+                frame = self.decoder.next_frame()
+                if frame is not None:
+                    if len(fds) != frame.fd_count:
+                        raise wire.FrameError(wire.FrameErrorKind.FD_COUNT_MISMATCH,
+                                              f"{frame.type.name} declares {frame.fd_count} descriptors, "
+                                              f"{len(fds)} arrived")
+                    return frame, fds
+                if deadline is None:
+                    timeout = idle_timeout
+                else:
+                    timeout = max(0.0, deadline - time.monotonic())
+                try:
+                    data = await asyncio.wait_for(self._receive(self.decoder.bytes_needed(), fds), timeout)
+                except TimeoutError:
+                    if deadline is None:
+                        raise SessionClosed(m.EventReason.IDLE_TIMEOUT, "idle timeout") from None
+                    raise SessionClosed(m.EventReason.IDLE_TIMEOUT, "half-sent frame timed out") from None
+                if not data:
+                    raise SessionClosed(m.EventReason.NONE,
+                                        "peer closed" if deadline is None else "peer closed in mid-frame")
+                if deadline is None:
+                    deadline = time.monotonic() + frame_timeout
+                self.decoder.feed(data)
+        except BaseException:
+            _close_all(fds)
+            raise
+
+    async def _receive(self, size: int, fds: list[int]) -> bytes:
+        while True:
+            try:
+                data, ancillary, flags, _ = self.sock.recvmsg(size, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                await self._readable()
+                continue
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array.array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                    fds.extend(received)
+            if flags & socket.MSG_CTRUNC or len(fds) > m.MAX_FDS:
+                raise wire.FrameError(wire.FrameErrorKind.FD_COUNT_MISMATCH, "too many descriptors")
+            return data
+
+    async def _readable(self) -> None:
+        ready: asyncio.Future[None] = self._loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self._loop.add_reader(self.sock.fileno(), wake)
+        try:
+            await ready
+        finally:
+            self._loop.remove_reader(self.sock.fileno())
+
+    async def send(self, data: bytes) -> None:
+        await self._loop.sock_sendall(self.sock, data)
+
+
+class AgentServer:
+    def __init__(self, service: AgentService, *, socket_path: Path, secret: bytes, controller_uid: int,
+                 limits: Limits | None = None) -> None:
+        self.service = service
+        self.socket_path = socket_path
+        self.secret = secret
+        self.controller_uid = controller_uid
+        self.limits = limits or Limits()
+        self._listener: socket.socket | None = None
+        self._busy = False
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+
+    def bind(self) -> None:
+        """Create the listening socket (before the seccomp filter is installed)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(str(self.socket_path))
+        finally:
+            os.umask(old_umask)
+        listener.listen(4)
+        self._listener = listener
+
+    async def serve(self) -> None:
+        """Accept connections until :meth:`stop` is called."""
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        accepting = loop.create_task(self._accept_loop(self._listener))
+        await self._stopped.wait()
+        accepting.cancel()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(accepting, *self._sessions, return_exceptions=True)
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            conn.setblocking(False)
+            refusal = self._refusal(conn)
+            if refusal is not None:
+                log.warning("connection refused: %s", refusal)
+                conn.close()
+                self.service.session_rejected(m.EventReason.AUTH_FAILED if "uid" in refusal
+                                              else m.EventReason.PROTOCOL_VIOLATION)
+                continue
+            self._busy = True
+            task = loop.create_task(self._run(conn))
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+
+    def _refusal(self, conn: socket.socket) -> str | None:
+        credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", credentials)
+        if uid != self.controller_uid:
+            return f"peer uid {uid} (pid {pid}) is not the controller uid"
+        if self._busy:
+            return f"a controller session is already open (peer pid {pid})"
+        return None
+
+    async def _run(self, conn: socket.socket) -> None:
+        channel = FrameChannel(conn)
+        session: Session | None = None
+        try:
+            session = await self._handshake(channel)
+            log.info("controller session established")
+            while True:
+                frame, fds = await channel.read_frame(self.limits.idle_timeout, self.limits.frame_timeout)
+                try:
+                    message = session.open(frame)
+                    answer = await self.service.handle(message, fds)
+                finally:
+                    _close_all(fds)  # a backend that keeps a descriptor has its own duplicate
+                await channel.send(session.seal(answer))
+        except SessionClosed as exc:
+            log.info("session closed: %s", exc.detail)
+            if exc.reason is not m.EventReason.NONE:
+                self.service.session_rejected(exc.reason)
+        except wire.FrameError as exc:
+            log.warning("session closed: malformed frame (%s)", exc.kind.value)
+            self.service.counters.frames_rejected += 1
+            if session is not None:
+                with contextlib.suppress(OSError, ChannelError):
+                    await channel.send(session.seal(m.Error(m.ErrorCode.MALFORMED_FRAME)))
+            self.service.session_rejected(m.EventReason.PROTOCOL_VIOLATION)
+        except ChannelError as exc:
+            log.warning("session closed: %s", exc.failure.value)
+            self.service.counters.frames_rejected += 1
+            reason = (m.EventReason.AUTH_FAILED if exc.failure is ChannelFailure.AUTHENTICATION_FAILED
+                      else m.EventReason.PROTOCOL_VIOLATION)
+            self.service.session_rejected(reason)
+        except OSError as exc:
+            log.info("session closed: %s", exc.strerror)
+        finally:
+            conn.close()
+            self._busy = False
+
+    async def _handshake(self, channel: FrameChannel) -> Session:
+        handshake = AgentHandshake(self.secret)
+        timeout = self.limits.handshake_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                hello, fds = await channel.read_frame(timeout, timeout)
+                _close_all(fds)
+                await channel.send(handshake.on_hello(hello))
+                proof, fds = await channel.read_frame(timeout, timeout)
+                _close_all(fds)
+                return handshake.on_proof(proof)
+        except TimeoutError:
+            raise SessionClosed(m.EventReason.IDLE_TIMEOUT, "handshake timed out") from None
