@@ -80,7 +80,7 @@ def load_secret(path: Path) -> bytes:
     open descriptor, so it cannot be swapped between check and read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO cannot block
     except OSError as exc:
         raise ChannelError(ChannelFailure.BAD_SECRET, f"cannot open {path}: {exc.strerror}") from None
     try:

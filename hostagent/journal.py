@@ -244,6 +244,8 @@ class Journal:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return AgentState()
+        except OSError as exc:  # ELOOP for a symlink, EACCES, ...
+            raise JournalError(f"cannot open {self.path}: {exc.strerror}") from None
         with os.fdopen(fd, "rb") as file:
             data = file.read(MAX_JOURNAL_BYTES + 1)
         if len(data) > MAX_JOURNAL_BYTES:

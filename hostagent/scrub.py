@@ -9,6 +9,7 @@ non-regular files are simply removed.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -16,19 +17,35 @@ from pathlib import Path
 _CHUNK = 1 << 20
 
 
-def scrub_file(path: Path) -> None:
-    """Overwrite a regular file with zeros, fsync, then unlink it."""
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def zero_fd(fd: int, length: int) -> None:
+    """Overwrite the first ``length`` bytes of an open file with zeros and fsync."""
+    zeros = bytes(min(_CHUNK, length))
+    offset = 0
+    while offset < length:
+        offset += os.pwrite(fd, zeros[: min(len(zeros), length - offset)], offset)
+    os.fsync(fd)
+
+
+def scrub_file(path: Path, *, missing_ok: bool = False) -> None:
+    """Overwrite a regular file with zeros (same length, fsync), then unlink it.
+
+    A symlink is refused (``OSError``), never followed: scrubbing must not be
+    steerable to some other file.  Other links to the same inode see zeros.
+    """
     try:
-        size = os.fstat(fd).st_size
-        zeros = bytes(min(size, _CHUNK))
-        written = 0
-        while written < size:
-            written += os.write(fd, zeros[: size - written])
-        os.fsync(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        zero_fd(fd, info.st_size)
     finally:
         os.close(fd)
-    path.unlink()
+    os.unlink(path)
 
 
 def scrub_tree(directory: Path) -> None:

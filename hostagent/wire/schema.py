@@ -170,7 +170,7 @@ MESSAGES: dict[m.MessageType, MessageSpec] = {
             field("memory_mib", UInt(4, m.MIN_MEMORY_MIB, m.MAX_MEMORY_MIB), "guest memory in MiB"),
             field("image_digest", FixedBytes(m.DIGEST_SIZE), "SHA-256 of the image in the content-addressed store"),
             field("image_signature", FixedBytes(m.SIGNATURE_SIZE),
-                  "Ed25519 signature of the digest by the image-signing key"),
+                  "Ed25519 signature by the image-signing key over 'passivisor/v1 image' NUL digest"),
         ), _TO_AGENT),
         _spec(m.MessageType.STOP_INSTANCE, Record(
             m.StopInstance,
