@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,33 @@ def build(config: AgentConfig) -> tuple[AgentService, AgentServer]:
     return service, server
 
 
+# Network client and server libraries the agent must never load (claim C1).  asyncio
+# itself imports ``ssl`` and pathlib imports ``urllib.parse``; neither opens a
+# connection, and the seccomp filter makes IP sockets impossible anyway.
+NETWORK_MODULES = ("grpc", "http.client", "http.server", "urllib.request", "requests", "httpx", "aiohttp",
+                   "urllib3", "socketserver", "xmlrpc.client", "ftplib", "smtplib", "poplib", "imaplib",
+                   "telnetlib", "nntplib")
+
+
+def verify_passivity() -> None:
+    """Prove the filter is in force: an attempt to create an IP socket must fail (claims C1, C15)."""
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        log.info("seccomp filter installed and verified: socket(AF_INET) refused (%s)", errno.errorcode[exc.errno])
+        return
+    probe.close()
+    raise StartupError("the seccomp filter did not stop socket(AF_INET); refusing to run")
+
+
+def log_modules() -> None:
+    """SIGUSR1: log the loaded top-level modules, so an audit can check no network client is loaded."""
+    names = sorted(sys.modules)
+    network = [name for name in names if any(name == n or name.startswith(n + ".") for n in NETWORK_MODULES)]
+    log.info("loaded modules (%d): %s; network modules: %s", len(names), " ".join(names),
+             " ".join(network) or "none")
+
+
 async def run(config: AgentConfig) -> None:
     service, server = build(config)
     server.bind()
@@ -84,7 +113,7 @@ async def run(config: AgentConfig) -> None:
         from . import sandbox
 
         sandbox.install()
-        log.info("seccomp filter installed: socket families other than AF_UNIX are refused")
+        verify_passivity()
     else:
         log.warning("seccomp is disabled in the configuration")
     report = await service.recover()
@@ -95,6 +124,7 @@ async def run(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.stop)
+    loop.add_signal_handler(signal.SIGUSR1, log_modules)
     log.info("listening on %s (backend %s)", config.socket, config.backend)
     print(f"passivisor-agent: ready on {config.socket}", file=sys.stderr, flush=True)
     try:
