@@ -71,7 +71,10 @@ def build(config: AgentConfig) -> tuple[AgentService, AgentServer]:
         raise StartupError(str(exc)) from None
     service = AgentService(
         state=state, journal=journal_mod.Journal(config.state_dir), backend=_backend(config), allocator=allocator,
-        vf_pool=pool, vf_binder=sriov.SysfsVfBinder(sysfs), images=ImageStore(config.image_store, public_key),
+        # reprobe: a VF whose assignment is rolled back or released goes back to
+        # its host driver, so a refused assignment leaves sysfs as it found it.
+        vf_pool=pool, vf_binder=sriov.SysfsVfBinder(sysfs, reprobe=True),
+        images=ImageStore(config.image_store, public_key),
         volume_dir=config.volume_dir, runtime_root=config.runtime_dir)
     limits = Limits(config.handshake_timeout_s, config.idle_timeout_s, config.frame_timeout_s)
     server = AgentServer(service, socket_path=config.socket, secret=secret, controller_uid=config.controller_uid,
