@@ -22,4 +22,5 @@ class Benchmark(NamedTuple):
 # The closed set of benchmark names.  Adding a benchmark is one line here.
 BENCHMARKS: dict[str, Benchmark] = {
     "wire": Benchmark("bench.wire", "agent-channel codec: decode/encode of every message vs hand-written struct code"),
+    "agent": Benchmark("bench.agent", "authenticated PING through the agent vs a raw Unix-socket echo; start-to-ready"),
 }

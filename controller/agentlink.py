@@ -131,7 +131,9 @@ class AgentLink:
         assert self._sock is not None
         try:
             while (frame := self._decoder.next_frame()) is None:
-                data = self._sock.recv(self._decoder.bytes_needed())
+                # The agent answers one frame per request and never passes
+                # descriptors back, so reading ahead of the frame is safe here.
+                data = self._sock.recv(max(self._decoder.bytes_needed(), 4096))
                 if not data:
                     raise AgentLinkError("agent closed the connection")
                 self._decoder.feed(data)

@@ -171,7 +171,8 @@ class Session:
             if frame.spec.direction is not self.receive_direction:
                 raise ChannelError(ChannelFailure.UNEXPECTED_MESSAGE, f"{frame.type.name} sent the wrong way")
             try:
-                _mac(self._receive_key, wire.signed_region(frame)).verify(frame.mac)
+                region = frame.signed if frame.signed is not None else wire.signed_region(frame)
+                _mac(self._receive_key, region).verify(frame.mac)
             except InvalidSignature:
                 raise ChannelError(ChannelFailure.AUTHENTICATION_FAILED, "frame MAC") from None
             if frame.seq != self._next_receive:

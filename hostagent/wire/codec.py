@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import construct as c
@@ -63,11 +63,18 @@ def _build(record: Record, value: Any, where: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A fully validated frame.  ``mac`` is present exactly on authenticated types."""
+    """A fully validated frame.  ``mac`` is present exactly on authenticated types.
+
+    ``signed`` holds the header and payload bytes a decoded authenticated frame
+    came from, so the channel can check the MAC without encoding the frame
+    again; by canonical encoding (property 4) they equal ``signed_region(frame)``.
+    It takes no part in equality.
+    """
 
     seq: int
     message: m.Message
     mac: bytes | None = None
+    signed: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def spec(self) -> MessageSpec:
@@ -132,8 +139,9 @@ def decode(data: bytes, direction: m.Direction | None = None) -> Frame:
     if header.fd_count != required:
         raise FrameError(FrameErrorKind.FD_COUNT_MISMATCH,
                          f"{header.type.name} carries {required} descriptors, header says {header.fd_count}")
-    mac = bytes(data[end:]) if spec.authenticated else None
-    return Frame(header.seq, message, mac)
+    if not spec.authenticated:
+        return Frame(header.seq, message)
+    return Frame(header.seq, message, bytes(data[end:]), bytes(data[:end]))
 
 
 def signed_region(frame: Frame) -> bytes:
