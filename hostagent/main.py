@@ -95,7 +95,8 @@ def verify_passivity() -> None:
     try:
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     except OSError as exc:
-        log.info("seccomp filter installed and verified: socket(AF_INET) refused (%s)", errno.errorcode[exc.errno])
+        name = errno.errorcode.get(exc.errno or 0, "unknown error")
+        log.info("seccomp filter installed and verified: socket(AF_INET) refused (%s)", name)
         return
     probe.close()
     raise StartupError("the seccomp filter did not stop socket(AF_INET); refusing to run")

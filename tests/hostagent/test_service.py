@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from inventory.fakesysfs import FakeKernel, FakePciHost, write_cpu_tree
 
 from hostagent.backends.sim import SimBackend
 from hostagent.images import ImageStore, PublishedImage, publish
@@ -27,7 +28,6 @@ from hostagent.journal import Journal
 from hostagent.service import AgentService
 from hostagent.state import AgentState
 from hostagent.wire import messages as m
-from tests.inventory.fakesysfs import FakeKernel, FakePciHost, write_cpu_tree
 
 PF, VF0, VF1 = "0000:03:00.0", "0000:03:00.1", "0000:03:00.2"
 MAC = b"\x02\x00\x00\x00\x00\x07"
