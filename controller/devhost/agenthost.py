@@ -105,12 +105,15 @@ seccomp = {'true' if seccomp else 'false'}
                      image.digest, image.signature, directory / "agent.log")
 
 
-def start(host: AgentHost, *, timeout: float = 30.0) -> subprocess.Popen[bytes]:
-    """Start the agent in its own session, logging to ``host.log``; return once it listens."""
+def start(host: AgentHost, *, timeout: float = 30.0, wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start the agent in its own session, logging to ``host.log``; return once it listens.
+
+    ``wrapper`` runs the agent under another program (e.g. ``strace -f -o FILE``).
+    """
     offset = host.log.stat().st_size if host.log.exists() else 0
     with open(host.log, "ab") as log:
         child = subprocess.Popen(  # noqa: S603 - fixed argv
-            [sys.executable, "-m", "hostagent.main", "--config", str(host.config)],
+            [*wrapper, sys.executable, "-m", "hostagent.main", "--config", str(host.config)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -249,6 +249,10 @@ class Uuid(Field):
         if not isinstance(value, uuid.UUID):
             raise Reject(FrameErrorKind.INVALID_IDENTIFIER, f"expected UUID, got {type(value).__name__}")
         raw = value.bytes
+        if raw == _NIL:
+            # Even where nil means "none" the encoder takes None, never a nil
+            # UUID object: that would decode to None and break the round trip.
+            raise Reject(FrameErrorKind.INVALID_IDENTIFIER, "nil UUID (use None where a field may be empty)")
         self.from_wire(raw)  # the same rule both ways
         return raw
 
