@@ -340,10 +340,13 @@ class Record(c.Construct):  # type: ignore[misc]
     def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
         if type(obj) is not self.cls:
             raise Reject(FrameErrorKind.MALFORMED, f"expected {self.cls.__name__}, got {type(obj).__name__}")
-        self.check_rules(obj)
+        # Fields first, so that every value has passed its own type and range
+        # check before a cross-field rule looks at it (a rule must never see a
+        # wrongly typed value and leak a TypeError).
         for member in self.members:
             value = getattr(obj, member.name) if member.stored else None
             member.subcon._build(value, stream, context, path)
+        self.check_rules(obj)
         return obj
 
     def _sizeof(self, context: Any, path: str) -> int:
@@ -387,12 +390,10 @@ class BoundedList(c.Construct):  # type: ignore[misc]
     def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
         if type(obj) is not tuple:
             raise Reject(FrameErrorKind.MALFORMED, f"expected tuple, got {type(obj).__name__}")
-        if len(obj) > self.max_items:
-            raise Reject(FrameErrorKind.TOO_MANY_ITEMS, f"{len(obj)} > {self.max_items}")
-        self._check_order(obj)
         self.count._build(len(obj), stream, context, path)
         for item in obj:
             self.item._build(item, stream, context, path)
+        self._check_order(obj)  # after the items passed their own checks, as in Record
         return obj
 
     def _sizeof(self, context: Any, path: str) -> int:

@@ -20,6 +20,8 @@ SCM_RIGHTS arrive with the first byte of the frame they belong to.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from . import messages as m
 from .codec import Frame, decode, decode_header
 from .errors import FrameError, FrameErrorKind
@@ -49,22 +51,33 @@ class FrameDecoder:
         self._buffer += data
 
     def bytes_needed(self) -> int:
-        """Bytes still missing to complete the header or the current frame (0 = one is ready)."""
+        """Bytes still missing to complete the header or the current frame (0 = a frame is ready).
+
+        Once a whole header is buffered it is checked here, so a bad header
+        raises (and poisons the decoder) without waiting for ``next_frame``.
+        """
         self._raise_if_poisoned()
+        self._read_header()
         target = m.HEADER_SIZE if self._header is None else self._header.frame_size
         return max(0, target - len(self._buffer))
+
+    def _read_header(self) -> None:
+        if self._header is None and len(self._buffer) >= m.HEADER_SIZE:
+            try:
+                self._header = decode_header(bytes(self._buffer[: m.HEADER_SIZE]), self._direction)
+            except FrameError as exc:
+                self._poison(exc)
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None when more data is needed."""
         self._raise_if_poisoned()
+        self._read_header()
+        if self._header is None:
+            return None
+        size = self._header.frame_size
+        if len(self._buffer) < size:
+            return None
         try:
-            if self._header is None:
-                if len(self._buffer) < m.HEADER_SIZE:
-                    return None
-                self._header = decode_header(bytes(self._buffer[: m.HEADER_SIZE]), self._direction)
-            size = self._header.frame_size
-            if len(self._buffer) < size:
-                return None
             frame = decode(bytes(self._buffer[:size]), self._direction)
         except FrameError as exc:
             self._poison(exc)
@@ -79,7 +92,7 @@ class FrameDecoder:
             out.append(frame)
         return out
 
-    def _poison(self, exc: FrameError) -> None:
+    def _poison(self, exc: FrameError) -> NoReturn:
         self._error = exc
         self._buffer.clear()
         raise exc
