@@ -81,6 +81,9 @@ class Flags(enum.IntFlag):
     MAC = 0x0001
 
 
+_MAC_BIT = int(Flags.MAC)
+
+
 class InstanceState(enum.IntEnum):
     STARTING = 1
     RUNNING = 2
@@ -190,7 +193,8 @@ class Header:
 
     @property
     def frame_size(self) -> int:
-        return HEADER_SIZE + self.length + (MAC_SIZE if self.flags & Flags.MAC else 0)
+        # Plain int arithmetic: this runs for every frame and IntFlag operators are slow.
+        return HEADER_SIZE + self.length + (MAC_SIZE if int(self.flags) & _MAC_BIT else 0)
 
 
 @dataclass(frozen=True, slots=True)
