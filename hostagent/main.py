@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import fcntl
 import logging
+import os
 import signal
 import socket
 import sys
@@ -52,10 +54,25 @@ def _backend(config: AgentConfig) -> VmBackend[Any]:
     return QemuBackend(qemu_binary=config.qemu_binary, accel=config.qemu_accel)
 
 
+_STATE_LOCK: list[int] = []  # the lock lives as long as the process
+
+
+def _lock_state_dir(state_dir: Path) -> None:
+    """One agent per state directory: a second one would adopt the same VMs and steal the socket."""
+    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another agent is running on {state_dir}") from None
+    _STATE_LOCK.append(fd)
+
+
 def build(config: AgentConfig) -> tuple[AgentService, AgentServer]:
     """Everything that reads configuration, keys, sysfs and the journal (before the sandbox)."""
     for directory in (config.state_dir, config.runtime_dir, config.volume_dir):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _lock_state_dir(config.state_dir)
     try:
         secret = load_secret(config.channel_secret_file)
         public_key = load_public_key(config.image_signing_public_key)

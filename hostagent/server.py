@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
 import struct
 import time
@@ -63,6 +64,13 @@ class Limits:
     handshake_timeout: float = 5.0
     idle_timeout: float = 300.0
     frame_timeout: float = 5.0
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """True if the peer of ``conn`` has closed its end (checked without reading)."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def _close_all(fds: Sequence[int]) -> None:
@@ -140,8 +148,12 @@ class FrameChannel:
         finally:
             self._loop.remove_reader(self.sock.fileno())
 
-    async def send(self, data: bytes) -> None:
-        await self._loop.sock_sendall(self.sock, data)
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Write one frame; a peer that stops reading is cut off after ``timeout``."""
+        try:
+            await asyncio.wait_for(self._loop.sock_sendall(self.sock, data), timeout)
+        except TimeoutError:
+            raise SessionClosed(m.EventReason.IDLE_TIMEOUT, "peer stopped reading its answers") from None
 
 
 class AgentServer:
@@ -153,7 +165,9 @@ class AgentServer:
         self.controller_uid = controller_uid
         self.limits = limits or Limits()
         self._listener: socket.socket | None = None
+        self._socket_inode: int | None = None
         self._busy = False
+        self._current: tuple[asyncio.Task[None], socket.socket] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
 
@@ -169,6 +183,7 @@ class AgentServer:
             os.umask(old_umask)
         listener.listen(4)
         self._listener = listener
+        self._socket_inode = os.stat(self.socket_path).st_ino
 
     async def serve(self) -> None:
         """Accept connections until :meth:`stop` is called."""
@@ -184,7 +199,9 @@ class AgentServer:
         await asyncio.gather(accepting, *self._sessions, return_exceptions=True)
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+            # Only our own socket: never pull the name from under another process.
+            if os.stat(self.socket_path).st_ino == self._socket_inode:
+                self.socket_path.unlink()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -194,17 +211,27 @@ class AgentServer:
         while True:
             conn, _ = await loop.sock_accept(listener)
             conn.setblocking(False)
+            if self._current is not None and _hung_up(self._current[1]):
+                # The controller closed its old connection and reconnected before
+                # the session task read the end: finish that session first.
+                task, _ = self._current
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
             refusal = self._refusal(conn)
             if refusal is not None:
                 log.warning("connection refused: %s", refusal)
                 conn.close()
                 self.service.session_rejected(m.EventReason.AUTH_FAILED if "uid" in refusal
                                               else m.EventReason.PROTOCOL_VIOLATION)
-                continue
-            self._busy = True
-            task = loop.create_task(self._run(conn))
-            self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
+            else:
+                self._busy = True
+                task = loop.create_task(self._run(conn))
+                self._current = (task, conn)
+                self._sessions.add(task)
+                task.add_done_callback(self._sessions.discard)
+            # sock_accept returns at once while connections are queued: yield, so
+            # that a flood of connections cannot starve the open session.
+            await asyncio.sleep(0)
 
     def _refusal(self, conn: socket.socket) -> str | None:
         credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -228,7 +255,7 @@ class AgentServer:
                     answer = await self.service.handle(message, fds)
                 finally:
                     _close_all(fds)  # a backend that keeps a descriptor has its own duplicate
-                await channel.send(session.seal(answer))
+                await channel.send(session.seal(answer), self.limits.frame_timeout)
         except SessionClosed as exc:
             log.info("session closed: %s", exc.detail)
             if exc.reason is not m.EventReason.NONE:
@@ -237,8 +264,8 @@ class AgentServer:
             log.warning("session closed: malformed frame (%s)", exc.kind.value)
             self.service.counters.frames_rejected += 1
             if session is not None:
-                with contextlib.suppress(OSError, ChannelError):
-                    await channel.send(session.seal(m.Error(m.ErrorCode.MALFORMED_FRAME)))
+                with contextlib.suppress(OSError, ChannelError, SessionClosed):
+                    await channel.send(session.seal(m.Error(m.ErrorCode.MALFORMED_FRAME)), self.limits.frame_timeout)
             self.service.session_rejected(m.EventReason.PROTOCOL_VIOLATION)
         except ChannelError as exc:
             log.warning("session closed: %s", exc.failure.value)
@@ -248,9 +275,15 @@ class AgentServer:
             self.service.session_rejected(reason)
         except OSError as exc:
             log.info("session closed: %s", exc.strerror)
+        except asyncio.CancelledError:
+            log.info("session closed: peer hung up")
+            if self._stopped.is_set():
+                raise
         finally:
             conn.close()
             self._busy = False
+            if self._current is not None and self._current[1] is conn:
+                self._current = None
 
     async def _handshake(self, channel: FrameChannel) -> Session:
         handshake = AgentHandshake(self.secret)
@@ -259,8 +292,16 @@ class AgentServer:
             async with asyncio.timeout(timeout):
                 hello, fds = await channel.read_frame(timeout, timeout)
                 _close_all(fds)
-                await channel.send(handshake.on_hello(hello))
-                proof, fds = await channel.read_frame(timeout, timeout)
+                await channel.send(handshake.on_hello(hello), timeout)
+                try:
+                    proof, fds = await channel.read_frame(timeout, timeout)
+                except SessionClosed as exc:
+                    if exc.reason is not m.EventReason.NONE:
+                        raise
+                    # What a controller does when the agent's proof fails to verify
+                    # under its secret: it hangs up without a PROOF.  Not a normal end.
+                    raise SessionClosed(m.EventReason.AUTH_FAILED,
+                                        "peer hung up after CHALLENGE (wrong channel secret?)") from None
                 _close_all(fds)
                 return handshake.on_proof(proof)
         except TimeoutError:

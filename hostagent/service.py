@@ -61,6 +61,8 @@ from .wire import messages as m
 
 log = logging.getLogger("passivisor.agent")
 
+MAX_PENDING_SESSION_EVENTS = 16
+
 
 class Images(Protocol):
     def prepare(self, digest: bytes, signature: bytes, dest_dir: Path) -> PreparedImage: ...
@@ -342,8 +344,17 @@ class AgentService:
     # --- host-level events from the adapters ---------------------------------
 
     def session_rejected(self, reason: m.EventReason) -> None:
-        """The server refused or closed a session; queue the event for the next pull."""
+        """The server refused or closed a session; queue the event for the next pull.
+
+        The counter is always exact, but at most MAX_PENDING_SESSION_EVENTS such
+        events wait in the queue: a flood of bad connections must not push
+        unpulled instance events out of the bounded queue, nor cost a journal
+        write (fsync) per connection.
+        """
         self.counters.sessions_rejected += 1
+        pending = sum(1 for e in self.state.events.events if e.kind is m.EventKind.SESSION_REJECTED)
+        if pending >= MAX_PENDING_SESSION_EVENTS:
+            return
         self._event(m.EventKind.SESSION_REJECTED, None, reason)
         self._save()
 

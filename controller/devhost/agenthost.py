@@ -11,6 +11,7 @@ production.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -128,12 +129,19 @@ def start(host: AgentHost, *, timeout: float = 30.0, wrapper: tuple[str, ...] = 
 
 
 def stop(child: subprocess.Popen[bytes], *, timeout: float = 10.0) -> int:
-    """SIGTERM (the agent detaches from running VMs and exits), then SIGKILL if it hangs."""
+    """SIGTERM (the agent detaches from running VMs and exits), then SIGKILL if it hangs.
+
+    The signal goes to the agent's process group (``start`` gives it its own
+    session), so a wrapper such as strace and the agent under it both get it.
+    VMs are not in that group: they keep running, as on a live update.
+    """
     if child.poll() is None:
-        child.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
         try:
             child.wait(timeout)
         except subprocess.TimeoutExpired:
-            child.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
             child.wait()
     return child.returncode
