@@ -41,7 +41,7 @@ test: deps lint typecheck
 	$(PY) -m coverage report --include='hostagent/wire/*' --show-missing --fail-under=100
 
 demo: deps
-	$(PY) -m hostagent.wire.demo
+	$(PY) -m controller.devhost.demo --backend $(BACKEND)
 
 fuzz: deps
 	$(PY) -m fuzz --seconds 60
