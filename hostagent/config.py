@@ -145,6 +145,9 @@ class _Section:
             raise ConfigError(f"[{self.name}] unknown keys: {', '.join(unknown)}")
 
 
+_MAX_SOCKET_PATH = 107
+_MAX_RUNTIME_DIR = _MAX_SOCKET_PATH - len("/0123456789abcdef0123456789abcdef/console.sock")
+
 _SECTIONS = ("agent", "limits", "host", "images", "qemu", "sandbox")
 
 
@@ -187,6 +190,13 @@ def parse(text: str) -> AgentConfig:
     )
     for section in sections.values():
         section.finish()
+    # Unix socket paths are limited to 107 bytes (sun_path); an instance's
+    # sockets live at <runtime_dir>/<32 hex>/<name>.sock.
+    if len(bytes(config.socket)) > _MAX_SOCKET_PATH:
+        raise ConfigError(f"[agent] socket is longer than {_MAX_SOCKET_PATH} bytes")
+    if len(bytes(config.runtime_dir)) > _MAX_RUNTIME_DIR:
+        raise ConfigError(f"[agent] runtime_dir is longer than {_MAX_RUNTIME_DIR} bytes, too long for the "
+                          "instances' Unix sockets below it")
     return config
 
 

@@ -12,11 +12,13 @@ production.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,10 @@ def prepare(directory: Path, *, backend: str = "sim", sysfs_root: Path = Path("/
     directory = directory.absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys, images = directory / "keys", directory / "images"
-    state, run, volumes = directory / "state", directory / "run", directory / "volumes"
+    state, volumes = directory / "state", directory / "volumes"
+    # Instances' Unix sockets live below the runtime directory, and socket
+    # paths are limited to 107 bytes: keep it short whatever DIR is.
+    run = Path(tempfile.gettempdir()) / f"pv-{hashlib.sha256(bytes(directory)).hexdigest()[:12]}"
     for path in (keys, images, state, run, volumes):
         path.mkdir(mode=0o700, exist_ok=True)
     secret_file = keys / "channel.key"

@@ -78,3 +78,11 @@ def test_invalid_toml_and_unreadable_files(tmp_path: Path) -> None:
     good = tmp_path / "agent.toml"
     good.write_text(MINIMAL)
     assert load(good).controller_uid == 1000
+
+
+def test_paths_too_long_for_unix_sockets_are_refused() -> None:
+    long_dir = "/var/" + "x" * 60
+    with pytest.raises(ConfigError, match="runtime_dir is longer than"):
+        parse(MINIMAL.replace('runtime_dir = "/run/p/instances"', f'runtime_dir = "{long_dir}"'))
+    with pytest.raises(ConfigError, match="socket is longer than 107 bytes"):
+        parse(MINIMAL.replace('socket = "/run/p/agent.sock"', f'socket = "/{"s" * 110}"'))
