@@ -71,7 +71,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .scrub import zero_fd
+from .scrub import zero_file
 
 DIGEST_SIZE = 32  # SHA-256; equals hostagent.wire.messages.DIGEST_SIZE (a test checks it)
 SIGNATURE_SIZE = 64  # Ed25519; equals hostagent.wire.messages.SIGNATURE_SIZE
@@ -431,7 +431,7 @@ def _scrub_at(dir_fd: int, name: str) -> None:
         try:
             info = os.fstat(fd)
             if stat.S_ISREG(info.st_mode):
-                zero_fd(fd, info.st_size)
+                zero_file(fd)
         finally:
             os.close(fd)
     except OSError:

@@ -436,7 +436,10 @@ class AgentService:
         info = await self.backend.wait_exit(handle)
         async with self._lock:
             instance = self.state.find(instance_id)
-            if instance is None or instance.state is not m.InstanceState.RUNNING or instance.vm != handle.record:
+            vm = instance.vm if instance is not None else None
+            same_process = vm is not None and (vm.pid, vm.pid_start_ticks) == (handle.record.pid,
+                                                                              handle.record.pid_start_ticks)
+            if instance is None or instance.state is not m.InstanceState.RUNNING or not same_process:
                 return  # a stop in progress (or done) finishes the instance itself
             reason = m.EventReason.GUEST_POWEROFF if info.guest_poweroff else m.EventReason.PROCESS_EXITED
             self._end(instance_id, Step.EXITED, m.EventKind.INSTANCE_EXITED, reason)
