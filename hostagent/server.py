@@ -104,7 +104,7 @@ class FrameChannel:
                 else:
                     timeout = max(0.0, deadline - time.monotonic())
                 try:
-                    data = await asyncio.wait_for(self._receive(self.decoder.bytes_needed(), fds), timeout)
+                    data = await self._receive(self.decoder.bytes_needed(), fds, timeout)
                 except TimeoutError:
                     if deadline is None:
                         raise SessionClosed(m.EventReason.IDLE_TIMEOUT, "idle timeout") from None
@@ -119,12 +119,14 @@ class FrameChannel:
             _close_all(fds)
             raise
 
-    async def _receive(self, size: int, fds: list[int]) -> bytes:
+    async def _receive(self, size: int, fds: list[int], timeout: float) -> bytes:
+        """One recvmsg of at most ``size`` bytes; waits (at most ``timeout``) only if nothing is there yet."""
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 data, ancillary, flags, _ = self.sock.recvmsg(size, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
-                await self._readable()
+                await self._readable(deadline - time.monotonic())
                 continue
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -135,23 +137,40 @@ class FrameChannel:
                 raise wire.FrameError(wire.FrameErrorKind.FD_COUNT_MISMATCH, "too many descriptors")
             return data
 
-    async def _readable(self) -> None:
+    async def _readable(self, timeout: float) -> None:
+        """Wait until the socket is readable; TimeoutError after ``timeout``.
+
+        A bare future with a timer, not ``asyncio.wait_for``: that would create
+        a task and cost an extra turn of the event loop on every read.
+        """
         ready: asyncio.Future[None] = self._loop.create_future()
 
         def wake() -> None:
             if not ready.done():
                 ready.set_result(None)
 
+        def expire() -> None:
+            if not ready.done():
+                ready.set_exception(TimeoutError())
+
         self._loop.add_reader(self.sock.fileno(), wake)
+        timer = self._loop.call_later(max(0.0, timeout), expire)
         try:
             await ready
         finally:
+            timer.cancel()
             self._loop.remove_reader(self.sock.fileno())
 
     async def send(self, data: bytes, timeout: float) -> None:
         """Write one frame; a peer that stops reading is cut off after ``timeout``."""
         try:
-            await asyncio.wait_for(self._loop.sock_sendall(self.sock, data), timeout)
+            sent = self.sock.send(data)  # an answer almost always fits the socket buffer at once
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        try:
+            await asyncio.wait_for(self._loop.sock_sendall(self.sock, data[sent:]), timeout)
         except TimeoutError:
             raise SessionClosed(m.EventReason.IDLE_TIMEOUT, "peer stopped reading its answers") from None
 
