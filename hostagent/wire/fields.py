@@ -322,6 +322,7 @@ class Record(c.Construct):  # type: ignore[misc]
         if named != self.names:
             raise TypeError(f"{cls.__name__}: schema fields {named} != dataclass fields {self.names}")
         self.rules = tuple(rules)
+        self.stored_indices = tuple(index for index, member in enumerate(members) if member.stored)
         # Fast path for records made only of fixed-size fields (the header and
         # most payloads): one read of the whole record, then each field checks
         # its own slice, in order.  Same rules, same order, fewer calls.
@@ -341,19 +342,13 @@ class Record(c.Construct):  # type: ignore[misc]
         return obj
 
     def _parse(self, stream: Any, context: Any, path: str) -> Any:
-        values = []
         if self.fixed is not None:
             raw = c.stream_read(stream, self.fixed_size, path)
-            for field_, start, end, stored in self.fixed:
-                value = field_.from_wire(raw[start:end])
-                if stored:
-                    values.append(value)
+            parsed = [field_.from_wire(raw[start:end]) for field_, start, end, _ in self.fixed]
         else:
-            for member in self.members:
-                value = member.subcon._parse(stream, context, path)
-                if member.stored:
-                    values.append(value)
-        return self.check_rules(self.cls(*values))
+            parsed = [member.subcon._parse(stream, context, path) for member in self.members]
+        # Constants are checked by their own parse and then dropped: keep the stored fields only.
+        return self.check_rules(self.cls(*[parsed[index] for index in self.stored_indices]))
 
     def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
         if type(obj) is not self.cls:
