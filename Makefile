@@ -4,14 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BUF := node_modules/.bin/buf
 BACKEND ?= qemu
 # Debian packages later stages need: QEMU and its tools, nbdkit for encrypted
 # volumes, strace for the passivity check, busybox-static for the tiny guest.
 DEBIAN_PACKAGES := qemu-system-x86 qemu-utils nbdkit strace busybox-static cpio
+# The unprivileged system user QEMU runs as (claim C15).
+QEMU_USER := passivisor-qemu
 
 .PHONY: deps debian test lint typecheck demo fuzz fuzz-long bench docs clean
 
-deps: debian $(STAMP)
+deps: debian $(STAMP) $(BUF)
 
 debian:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -20,6 +23,14 @@ debian:
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+# QEMU runs as this system user, never as root (claim C15; [qemu] user in agent.toml). It owns no
+# file and has no home or shell: the agent gives it only what one VM needs, through its group.
+	@if [ "$$(id -u)" = 0 ] && ! id -u $(QEMU_USER) >/dev/null 2>&1; then \
+	  echo "creating system user $(QEMU_USER): useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(QEMU_USER)"; \
+	  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(QEMU_USER); \
+	elif ! id -u $(QEMU_USER) >/dev/null 2>&1; then \
+	  echo "make: no system user $(QEMU_USER): QEMU will run as the agent's user (run as root to create it)"; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +38,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,fuzz,dev]'
 	touch $@
 
-lint: $(STAMP)
+# buf (npm @bufbuild/buf, pinned in package-lock.json) lints the gRPC contract in proto/.
+# --ignore-scripts: the package's postinstall only swaps its JS launcher for the binary.
+$(BUF): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "make: npm is missing (Debian: apt-get install nodejs npm)"; exit 1; }
+	npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
+lint: $(STAMP) $(BUF)
 	$(PY) -m ruff check .
+	$(BUF) lint proto
+	$(PY) -m controller.api.generate --check
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -50,4 +70,4 @@ bench: deps
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis fuzz/artifacts
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis fuzz/artifacts

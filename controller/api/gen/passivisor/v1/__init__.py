@@ -1,0 +1,1 @@
+"""Generated from proto/ by `python -m controller.api.generate`; do not edit."""
