@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOMAIN = ["hostagent/state.py", "hostagent/inventory/cpu.py", "hostagent/inventory/allocator.py"]
+DOMAIN = ["hostagent/state.py", "hostagent/inventory/cpu.py", "hostagent/inventory/allocator.py",
+          "controller/audit/chain.py", "controller/policy.py", "controller/ratelimit.py"]
 IO_MODULES = {"grpc", "socket", "asyncio", "subprocess", "construct", "selectors", "ssl"}
 NETWORK_CLIENTS = {"grpc", "http", "urllib", "requests", "httpx", "aiohttp", "urllib3", "socketserver", "xmlrpc",
                    "ftplib", "smtplib", "poplib", "imaplib", "telnetlib"}
