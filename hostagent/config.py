@@ -34,6 +34,7 @@ Example (every key shown; those with a default may be omitted)::
     [qemu]
     binary = "qemu-system-x86_64"
     accel = "tcg"                               # "kvm", "tcg" or "auto"
+    user = "passivisor-qemu"                    # QEMU runs as this system user (C15); absent: as the agent
 
     [sandbox]
     seccomp = true
@@ -41,6 +42,7 @@ Example (every key shown; those with a default may be omitted)::
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,7 @@ class AgentConfig:
     image_signing_public_key: Path
     qemu_binary: str
     qemu_accel: str
+    qemu_user: str | None  # resolved to uid and gids at start-up (hostagent.main), not here
     seccomp: bool
 
 
@@ -127,6 +130,13 @@ class _Section:
             raise ConfigError(f"[{self.name}] {key} must be a plain name")
         return value
 
+    def user_name(self, key: str) -> str | None:
+        """An optional POSIX user name (as useradd accepts them by default); None when absent."""
+        value = self._get(key, None)
+        if value is not None and (not isinstance(value, str) or not _USER_NAME.fullmatch(value)):
+            raise ConfigError(f"[{self.name}] {key} must be a user name")
+        return value
+
     def int_list(self, key: str, lo: int, hi: int, default: Any = _MISSING) -> tuple[int, ...]:
         value = self._get(key, default)
         if not isinstance(value, list) or not all(type(v) is int and lo <= v <= hi for v in value):
@@ -145,6 +155,7 @@ class _Section:
             raise ConfigError(f"[{self.name}] unknown keys: {', '.join(unknown)}")
 
 
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _MAX_SOCKET_PATH = 107
 _MAX_RUNTIME_DIR = _MAX_SOCKET_PATH - len("/0123456789abcdef0123456789abcdef/console.sock")
 
@@ -186,6 +197,7 @@ def parse(text: str) -> AgentConfig:
         image_signing_public_key=img.path("signing_public_key"),
         qemu_binary=q.word("binary", "qemu-system-x86_64"),
         qemu_accel=q.choice("accel", ("kvm", "tcg", "auto"), "auto"),
+        qemu_user=q.user_name("user"),
         seccomp=sb.boolean("seccomp", True),
     )
     for section in sections.values():

@@ -3,10 +3,15 @@
 Start-up order matters for the passivity claims (C1, C6, C15): everything
 that needs privileges or files outside the state directories happens first
 (configuration, channel secret, image-signing key, CPU topology, SR-IOV
-discovery, the journal, binding the listening socket); then the seccomp
-filter is installed; only then does the agent adopt running VMs and accept
-its first connection.  From that point on the process cannot create a socket
-of any family but AF_UNIX.
+discovery, the journal, QEMU's user and its access to the runtime directory,
+binding the listening socket); then the seccomp filter is installed; only
+then does the agent adopt running VMs and accept its first connection.  From
+that point on the process cannot create a socket of any family but AF_UNIX.
+
+QEMU runs as the unprivileged ``[qemu] user`` (C15).  The name is resolved
+here, before the filter, because the lookup goes through NSS, whose modules
+may need sockets the filter forbids.  Without it QEMU runs as the agent's own
+user, and the agent says so in a warning at every start.
 
 SIGTERM and SIGINT stop the listener and detach from the VMs without stopping
 them, so the agent can be restarted or upgraded under running guests (C10).
@@ -24,7 +29,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import journal as journal_mod
 from .backend import VmBackend
@@ -36,6 +41,9 @@ from .inventory import allocator as alloc
 from .inventory import cpu, sriov
 from .server import AgentServer, Limits
 from .service import AgentService
+
+if TYPE_CHECKING:
+    from .backends.qemu import RunAs
 
 log = logging.getLogger("passivisor.agent")
 
@@ -51,7 +59,49 @@ def _backend(config: AgentConfig) -> VmBackend[Any]:
         return SimBackend()
     from .backends.qemu import QemuBackend
 
-    return QemuBackend(qemu_binary=config.qemu_binary, accel=config.qemu_accel)
+    backend = QemuBackend(qemu_binary=config.qemu_binary, accel=config.qemu_accel, run_as=_qemu_user(config))
+    try:
+        backend.prepare_runtime_root(config.runtime_dir)
+    except OSError as exc:
+        raise StartupError(f"[agent] runtime_dir: {exc}") from None
+    return backend
+
+
+def _qemu_user(config: AgentConfig) -> RunAs | None:
+    """The identity QEMU runs as: ``[qemu] user`` resolved, or None (the agent's own, with a warning)."""
+    from .backends.qemu import RunAs
+
+    if config.qemu_user is None:
+        log.warning("[qemu] user is not set: QEMU runs as the agent's uid %d; claim C15 (unprivileged "
+                    "VMM) is weakened", os.geteuid())
+        return None
+    try:
+        run_as = RunAs.lookup(config.qemu_user)
+    except KeyError:
+        raise StartupError(f"[qemu] user {config.qemu_user!r} does not exist; create it with `useradd --system "
+                           f"--no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "
+                           f"{config.qemu_user}` (`make deps` does, as root)") from None
+    except ValueError as exc:
+        raise StartupError(f"[qemu] user {config.qemu_user!r}: {exc}") from None
+    if os.geteuid() != 0:
+        raise StartupError(f"[qemu] user {config.qemu_user!r}: starting QEMU as another user needs an agent "
+                           "running as root")
+    log.info("QEMU runs as %s", run_as)
+    if config.qemu_accel != "tcg":
+        _check_kvm_access(run_as, config.qemu_accel)
+    return run_as
+
+
+def _check_kvm_access(run_as: RunAs, accel: str, kvm: Path = Path("/dev/kvm")) -> None:
+    """Warn when QEMU's user cannot open /dev/kvm: a slow guest (auto) or a failed launch (kvm) follows."""
+    try:
+        info = kvm.stat()
+    except OSError:
+        return  # no KVM on this host: nothing a user or group could change
+    if not run_as.may(info, 6):
+        outcome = "guests fall back to TCG" if accel == "auto" else "launches will fail"
+        log.warning("QEMU's user %s cannot open %s (mode %04o, owner %d:%d): %s; add the user to its group",
+                    run_as, kvm, info.st_mode & 0o7777, info.st_uid, info.st_gid, outcome)
 
 
 _STATE_LOCK: list[int] = []  # the lock lives as long as the process

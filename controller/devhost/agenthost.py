@@ -6,7 +6,10 @@ writes the channel secret, a fresh image-signing key pair, one signed image
 directories and an agent.toml.  ``start`` launches ``passivisor-agent`` in the
 background and waits for its ready line.  Nothing here weakens the agent: it
 runs with the same configuration checks, seccomp filter and key handling as in
-production.
+production.  With the qemu backend, QEMU runs as the system user
+``passivisor-qemu`` (claim C15) when that user exists (``make deps`` creates it
+as root) and the agent runs as root; otherwise it runs as the agent, and the
+agent's log says that C15 is weakened.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pwd
 import secrets
 import signal
 import subprocess
@@ -28,6 +32,7 @@ from hostagent.images import generate_signing_key, load_private_key, publish
 
 SIM_CMDLINE = "console=ttyS0 panic=-1 quiet"
 READY_MARK = "passivisor-agent: ready on "
+QEMU_USER = "passivisor-qemu"  # the Makefile's QEMU_USER
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,8 @@ class AgentHost:
 def prepare(directory: Path, *, backend: str = "sim", sysfs_root: Path = Path("/sys"),
             reserved_cpus: tuple[int, ...] = (), memory_budget_mib: int = 4096, accel: str = "tcg",
             seccomp: bool = True, idle_timeout_s: float = 300.0, frame_timeout_s: float = 2.0,
-            handshake_timeout_s: float = 2.0) -> AgentHost:
+            handshake_timeout_s: float = 2.0, qemu_user: str | None = QEMU_USER) -> AgentHost:
+    """``qemu_user``: the ``[qemu] user`` to configure, if that user exists and the agent will be root."""
     directory = directory.absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys, images = directory / "keys", directory / "images"
@@ -76,6 +82,7 @@ def prepare(directory: Path, *, backend: str = "sim", sysfs_root: Path = Path("/
         image = publish(images, b"sim kernel\n", b"sim initrd\n", SIM_CMDLINE, load_private_key(private))
     config = directory / "agent.toml"
     cpus = ", ".join(str(cpu) for cpu in reserved_cpus)
+    user_line = f'user = "{qemu_user}"\n' if backend == "qemu" and _usable_qemu_user(qemu_user) else ""
     config.write_text(f"""\
 [agent]
 socket = "{directory / 'agent.sock'}"
@@ -103,12 +110,23 @@ signing_public_key = "{public}"
 
 [qemu]
 accel = "{accel}"
-
+{user_line}
 [sandbox]
 seccomp = {'true' if seccomp else 'false'}
 """)
     return AgentHost(directory, config, directory / "agent.sock", secret_file, private, volumes, run, state,
                      image.digest, image.signature, directory / "agent.log")
+
+
+def _usable_qemu_user(name: str | None) -> bool:
+    """Whether the agent, started by this process, can run QEMU as ``name``: it exists, and we are root."""
+    if name is None or os.geteuid() != 0:
+        return False
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def start(host: AgentHost, *, timeout: float = 30.0, wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:

@@ -25,21 +25,42 @@ and only then lets the guest run (``cont``), so no guest instruction ever execut
 another instance (C9). Any failure kills QEMU, scrubs what was created, and raises LAUNCH_FAILED
 (or TIMEOUT).
 
+Privileges (C15): with ``run_as`` (``[qemu] user``), QEMU is *started* as that unprivileged user:
+uid, primary gid and the user's supplementary groups set before exec, so it never holds root (rather
+than ``-runas``, which starts as root and drops later; ``-sandbox elevateprivileges=deny`` would
+forbid that anyway). The agent keeps ownership of every file and gives QEMU's group the least one
+VM needs: the runtime root and the VM's runtime directory 0710 (search only: no listing, no
+creating), the monitor and console sockets 0660 (connect(2) needs write permission on the socket
+inode), and the agent's verified copies of the kernel and initrd 0640; the logs stay 0600, because
+QEMU writes its own through an inherited descriptor and never sees the console log. Raw volume files
+are never opened by QEMU: the agent opens them (O_RDWR, or O_RDONLY for a read-only volume, since
+QEMU matches the access mode), passes the descriptor with SCM_RIGHTS into an fdset (QMP ``add-fd``),
+and QEMU's file driver opens ``/dev/fdset/N``, which duplicates it; the set is removed at once
+(``remove-fd``), so the block node holds the only copy and ``blockdev-del`` closes it. NBD sockets
+are passed the same way (``getfd``). Pinning and signals come from the root agent, which may act on
+another user's threads. On ``adopt`` the sockets are shared with the group the running QEMU really
+has (``/proc/PID/status``), not the configured one, so a changed ``[qemu] user`` never strands a
+running VM (C10); the difference is logged. Limit: all QEMUs share that one user, so a QEMU taken
+over by its guest may signal another and, unless Yama's ptrace_scope forbids it, read its memory
+through /proc/PID/mem (the agent's seccomp filter stops ptrace and process_vm_readv, not that); the
+user protects the host from QEMU, not one QEMU from another.
+
 Exit: a pidfd, watched by the event loop, tells when QEMU ends, whether it is our child or was
 adopted from a previous agent. The backend then reaps it (if it is our child), lets the monitor
 deliver its last events (the ``SHUTDOWN`` event says whether the guest powered off), closes the
 monitor and console, and scrubs the runtime directory (C12). ``wait_exit`` and ``stop`` return only
 after that.
 
-Devices: a hot-plugged device sits alone on one of a fixed set of PCIe root ports. Which ports are
-in use is read from QEMU's device tree (``qom-list``/``qom-get parent_bus``), never from what the
-guest programmed into PCI config space (``query-pci``), because the guest is untrusted. Device
-operations on one VM are serialized by a lock, except the wait for the guest to release an
-unplugged device, which holds no lock. Plugging is all-or-nothing: a refused ``device_add`` rolls
-back its ``blockdev-add``. An unplug the guest does not complete in time raises TIMEOUT and leaves
-the device plugged and listed, with the unplug still requested; if the guest completes it later,
-the ``DEVICE_DELETED`` event removes the device from the record and the backend deletes the block
-node, so the state stays consistent without a retry.
+Devices: a hot-plugged device sits alone on one of a fixed set of PCIe root ports (a volume is a
+raw node over a passed descriptor, see "Privileges"). Which ports are in use is read from QEMU's
+device tree (``qom-list``/``qom-get parent_bus``), never from what the guest programmed into PCI
+config space (``query-pci``), because the guest is untrusted. Device operations on one VM are
+serialized by a lock, except the wait for the guest to release an unplugged device, which holds no
+lock. Plugging is all-or-nothing: a refused ``device_add`` rolls back its ``blockdev-add``. An
+unplug the guest does not complete in time raises TIMEOUT and leaves the device plugged and
+listed, with the unplug still requested; if the guest completes it later, the ``DEVICE_DELETED``
+event removes the device from the record and the backend deletes the block node, so the state
+stays consistent without a retry.
 
 Live update (C10): ``detach_monitors`` closes the monitor and console connections and stops
 listening, leaving QEMU running. QEMU retries its connections once a second (``reconnect=1``);
@@ -60,6 +81,7 @@ import contextlib
 import enum
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -68,7 +90,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -117,6 +139,96 @@ _QEMU_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 # may be dropped (detach_monitors) and the VM adopted again by another backend in this process.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 _PARENT_BUS = re.compile(r"/machine/peripheral/([A-Za-z][A-Za-z0-9_.-]*)/\1")
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged identity QEMU runs as (claim C15): never root, never root's group.
+
+    ``groups`` are the user's supplementary groups as the group database lists them (none for the
+    user ``make deps`` creates); an operator who wants KVM where /dev/kvm is ``root:kvm 0660`` adds
+    the user to ``kvm``, and that is all QEMU gets besides its primary group.
+    """
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.uid <= 0 or self.gid <= 0 or any(g <= 0 for g in self.groups):
+            raise ValueError(f"QEMU must not run as root or in root's group ({self})")
+
+    @classmethod
+    def lookup(cls, user: str) -> RunAs:
+        """``user``'s uid, primary group and supplementary groups; KeyError if there is no such user.
+
+        Call it before the agent's seccomp filter is installed: the lookup goes through NSS, whose
+        modules may open sockets the filter forbids.
+        """
+        entry = pwd.getpwnam(user)
+        groups = sorted(set(os.getgrouplist(user, entry.pw_gid)) - {entry.pw_gid})
+        return cls(entry.pw_uid, entry.pw_gid, tuple(groups), user)
+
+    def __str__(self) -> str:
+        return f"{self.name or 'user'} (uid {self.uid}, gid {self.gid}, groups {list(self.groups)})"
+
+    def may(self, info: os.stat_result, bits: int) -> bool:
+        """Whether this identity gets all of ``bits`` (4 read, 2 write, 1 search) on a file with ``info``.
+
+        As the kernel decides from the mode: the owner's bits if it owns the file, else the group's
+        if it is in the file's group, else the others'. POSIX ACLs are not read: the agent sets none.
+        """
+        if info.st_uid == self.uid:
+            granted = info.st_mode >> 6
+        elif info.st_gid == self.gid or info.st_gid in self.groups:
+            granted = info.st_mode >> 3
+        else:
+            granted = info.st_mode
+        return granted & bits == bits
+
+    def check_reachable(self, directory: Path) -> None:
+        """PermissionError unless this identity may search every directory from / down to ``directory``."""
+        real = Path(os.path.realpath(directory))
+        for step in (*reversed(real.parents), real):
+            info = os.stat(step)
+            if not self.may(info, 1):
+                raise PermissionError(
+                    f"QEMU's user {self} cannot reach {real}: {step} is mode {stat.S_IMODE(info.st_mode):04o}, "
+                    f"owner {info.st_uid}:{info.st_gid}"
+                )
+
+    def check_readable(self, path: Path) -> None:
+        """PermissionError unless this identity may open ``path`` for reading."""
+        self.check_reachable(path.parent)
+        info = os.stat(path)
+        if not self.may(info, 4):
+            raise PermissionError(f"QEMU's user {self} cannot read {path}: mode {stat.S_IMODE(info.st_mode):04o}, "
+                                  f"owner {info.st_uid}:{info.st_gid}")  # fmt: skip
+
+
+def share_with_group(path: Path, gid: int, mode: int) -> None:
+    """Give the agent-owned ``path`` the group ``gid`` and then ``mode``, never following a symlink.
+
+    The group changes first, so no intermediate state grants the new mode to the old group.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    fd = os.open(path, flags)
+    try:
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def process_ids(pid: int) -> tuple[int, int]:
+    """(uid, gid) that ``pid`` opens files with: the filesystem fields of /proc/PID/status."""
+    ids: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, values = line.partition(":")
+        if key in ("Uid", "Gid"):
+            ids[key] = int(values.split()[3])  # real, effective, saved, filesystem
+    return ids["Uid"], ids["Gid"]
 
 
 class VmState(enum.Enum):
@@ -364,6 +476,27 @@ def _cap_file(path: Path, cap: int) -> None:
                 os.close(fd)
 
 
+def _open_volume_file(path: Path, read_only: bool, volume_id: uuid.UUID) -> int:
+    """Open a raw volume file for QEMU, in the access mode QEMU will ask the fdset for.
+
+    Never follows a symlink, never blocks (a FIFO planted at the path is refused, not waited on),
+    and checks the type of what was opened rather than of what the path named a moment earlier.
+    """
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _fail(BackendFailure.DEVICE_REJECTED, f"volume file for {volume_id}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _fail(BackendFailure.DEVICE_REJECTED, f"volume file for {volume_id} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _read_head(path: Path, limit: int = 2048) -> str:
     try:
         with path.open("rb") as f:
@@ -395,7 +528,9 @@ class QemuBackend:
         unplug_timeout_s: float = 30.0,
         quit_timeout_s: float = 10.0,
         kill_timeout_s: float = 10.0,
+        run_as: RunAs | None = None,
     ) -> None:
+        """``run_as``: the unprivileged user QEMU runs as (the agent must be root); None: the agent's own."""
         options: dict[str, Any] = {}
         if cpu_model is not None:
             options["cpu_model"] = cpu_model
@@ -409,7 +544,20 @@ class QemuBackend:
         self.unplug_timeout_s = unplug_timeout_s
         self.quit_timeout_s = quit_timeout_s
         self.kill_timeout_s = kill_timeout_s
+        self.run_as = run_as
         self._vms: set[QemuVm] = set()
+
+    def prepare_runtime_root(self, root: Path) -> None:
+        """Let QEMU's user reach the VMs' runtime directories below ``root`` (once, at start-up).
+
+        ``root`` gets QEMU's group and mode 0710: search only, so QEMU can neither list it nor
+        create anything in it. PermissionError if QEMU's user cannot reach ``root`` through its
+        ancestors; OSError for other faults. Nothing to do when QEMU runs as the agent's user.
+        """
+        if self.run_as is None:
+            return
+        share_with_group(root, self.run_as.gid, 0o710)
+        self.run_as.check_reachable(root)
 
     # --- launch ------------------------------------------------------------------------
 
@@ -427,7 +575,8 @@ class QemuBackend:
             for part in (spec.kernel, spec.initrd):
                 if not part.is_file():
                     raise ValueError(f"{part} is not a file")
-        except ValueError as exc:
+            self._check_access(spec)
+        except (ValueError, OSError) as exc:
             raise _fail(BackendFailure.LAUNCH_FAILED, str(exc)) from exc
 
         vm: QemuVm | None = None
@@ -437,14 +586,20 @@ class QemuBackend:
         started = time.monotonic()
         try:
             spec.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            group = self._share_runtime_dir(spec)
             # Both sockets listen before QEMU starts, so its first connection attempts succeed.
-            listener = PeerListener(paths.monitor)
-            console = PeerListener(paths.console)
-            log_fd = os.open(paths.qemu_log, _APPEND_FLAGS, 0o600)
+            listener = PeerListener(paths.monitor, group)
+            console = PeerListener(paths.console, group)
+            log_fd = os.open(paths.qemu_log, _APPEND_FLAGS, 0o600)  # QEMU writes to it through the fd only
+            run_as = self.run_as
             try:
                 child = subprocess.Popen(  # noqa: S603 - argv built from validated values, no shell
                     argv, executable=binary, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                     close_fds=True, start_new_session=True, env=_QEMU_ENV,
+                    # Started unprivileged rather than told to drop privileges (-runas): QEMU never
+                    # holds root, and its -sandbox elevateprivileges=deny forbids set*id anyway (C15).
+                    user=run_as.uid if run_as else None, group=run_as.gid if run_as else None,
+                    extra_groups=list(run_as.groups) if run_as else None,
                 )  # fmt: skip
             finally:
                 os.close(log_fd)
@@ -494,6 +649,36 @@ class QemuBackend:
         vm.spawn(self._watch_exit(vm), "exit")
         log.info("vm %s: QEMU pid %d ready in %.2f s", spec.instance_id, vm.pid, time.monotonic() - started)
         return vm
+
+    def _check_access(self, spec: LaunchSpec) -> None:
+        """Before anything is created: can QEMU's user reach the runtime directory and read the image?
+
+        Files the agent owns in the runtime directory are shared with QEMU's group by
+        :meth:`_share_runtime_dir`; a kernel or initrd elsewhere must already be readable.
+        """
+        if self.run_as is None:
+            return
+        self.run_as.check_reachable(spec.runtime_dir.parent)
+        for part in (spec.kernel, spec.initrd):
+            if part.parent != spec.runtime_dir:
+                self.run_as.check_readable(part)
+
+    def _share_runtime_dir(self, spec: LaunchSpec) -> int | None:
+        """Give QEMU's group the least the VM needs; returns that group (None: QEMU runs as the agent).
+
+        The runtime directory becomes 0710 (search only: QEMU reaches its sockets and image, and can
+        neither list the directory nor create anything in it), the agent's verified copies of the
+        kernel and initrd 0640 (read). The sockets get 0660 when they are bound; the logs stay 0600,
+        since QEMU writes its own through an inherited descriptor and never sees the console log.
+        """
+        if self.run_as is None:
+            return None
+        gid = self.run_as.gid
+        share_with_group(spec.runtime_dir, gid, 0o710)
+        for part in (spec.kernel, spec.initrd):
+            if part.parent == spec.runtime_dir:
+                share_with_group(part, gid, 0o640)
+        return gid
 
     async def _abort_launch(self, vm: QemuVm | None, child: subprocess.Popen[bytes] | None, paths: RuntimePaths) -> str:
         """Undo a launch: kill QEMU, wait for it, close everything, scrub the runtime directory.
@@ -567,7 +752,8 @@ class QemuBackend:
         vm = QemuVm(record.instance_id, record.pid, record.pid_start_ticks, paths, pidfd)
         listener: PeerListener | None = None
         try:
-            listener = PeerListener(paths.monitor)
+            group = self._group_of(vm)
+            listener = PeerListener(paths.monitor, group)
             sock = await vm.race_exit(listener.accept(vm.pid, self.adopt_timeout_s), self.adopt_timeout_s,
                                       "monitor reconnection")  # fmt: skip
             listener.close(unlink=True)
@@ -583,7 +769,7 @@ class QemuBackend:
             if set(vm.devices) != set(record.devices):
                 log.warning("vm %s: journal lists devices %s, QEMU has %s", record.instance_id,
                             sorted(record.devices), sorted(vm.devices))  # fmt: skip
-            vm.start_console(PeerListener(paths.console), self.console_cap)
+            vm.start_console(PeerListener(paths.console, group), self.console_cap)
         except BaseException as exc:
             # Adopt failed: leave QEMU exactly as it was (running, or gone), drop only our side.
             if listener is not None:
@@ -606,6 +792,20 @@ class QemuBackend:
         log.info("vm %s: adopted QEMU pid %d (%s)", record.instance_id, vm.pid,
                  bounded(status.get("status") if isinstance(status, dict) else status, 32))  # fmt: skip
         return vm
+
+    def _group_of(self, vm: QemuVm) -> int | None:
+        """The group an adopted QEMU's sockets are shared with: the one it really runs with.
+
+        The process, not the configuration, decides: an agent restarted with another ``[qemu] user``
+        (or none) must still let its running VMs reconnect (C10). A difference is logged, since such
+        a VM keeps its old identity until it is restarted (C15, C16).
+        """
+        uid, gid = process_ids(vm.pid)
+        configured = (self.run_as.uid, self.run_as.gid) if self.run_as else None
+        if configured is not None and (uid, gid) != configured:
+            log.warning("vm %s: QEMU pid %d runs as uid %d gid %d, not as the configured %s, until it is restarted",
+                        vm.instance_id, vm.pid, uid, gid, self.run_as)  # fmt: skip
+        return None if uid == 0 or (uid, gid) == (os.geteuid(), os.getegid()) else gid
 
     async def _plugged(self, vm: QemuVm) -> dict[str, str | None]:
         """Managed devices in QEMU's device tree, with the root port each sits on (None if elsewhere)."""
@@ -697,20 +897,15 @@ class QemuBackend:
     # --- volumes -----------------------------------------------------------------------
 
     async def attach_volume(self, handle: QemuVm, volume: VolumeSpec) -> None:
-        """RUNNING. blockdev-add (raw over a file, or over NBD on a passed socket) + device_add
-        virtio-blk-pci on a free root port; all or nothing (DEVICE_REJECTED, TIMEOUT, ...)."""
+        """RUNNING. blockdev-add (raw over a passed file descriptor, or over NBD on a passed socket) +
+        device_add virtio-blk-pci on a free root port; all or nothing (DEVICE_REJECTED, TIMEOUT, ...)."""
         vm = self._running(handle)
         device, node = volume_device_id(volume.volume_id), volume_node_name(volume.volume_id)
         if (volume.path is None) == (volume.socket_fd is None):
             raise _fail(BackendFailure.DEVICE_REJECTED, "a volume needs exactly one of a file path and a socket")
+        file_fd = -1
         if volume.path is not None:
-            try:
-                is_file = stat.S_ISREG(os.stat(volume.path).st_mode)
-            except OSError:
-                is_file = False
-            if not is_file:
-                raise _fail(BackendFailure.DEVICE_REJECTED, f"volume file for {volume.volume_id} does not exist")
-            file: dict[str, object] = {"driver": "file", "filename": str(volume.path)}
+            file_fd = _open_volume_file(volume.path, volume.read_only, volume.volume_id)
         else:
             assert volume.socket_fd is not None
             try:
@@ -719,31 +914,58 @@ class QemuBackend:
                 is_sock = False
             if not is_sock:
                 raise _fail(BackendFailure.DEVICE_REJECTED, "the volume descriptor is not a socket")
-            # QMP SocketAddress type "fd": the name of a descriptor passed with getfd.
-            file = {"driver": "nbd", "server": {"type": "fd", "str": nbd_fd_name(volume.volume_id)}}
-        async with vm.lock:
-            self._check_absent(vm, device)
-            port = await self._free_port(vm)
-            if node in vm.nodes:  # left behind by an unplug that completed without us
-                await self._execute(vm, "blockdev-del", {"node-name": node})
-                vm.nodes.discard(node)
-            if volume.socket_fd is not None:
-                fdname = nbd_fd_name(volume.volume_id)
-                passing = vm.monitor.pass_fd(volume.socket_fd, fdname, timeout=self.command_timeout_s)
-                await self._call(vm, passing, refused=BackendFailure.DEVICE_REJECTED, what=device)
-            blockdev = {"driver": "raw", "node-name": node, "read-only": volume.read_only, "file": file}
-            try:
-                await self._execute(vm, "blockdev-add", blockdev, refused=BackendFailure.DEVICE_REJECTED, what=device)
-            except BackendError:
-                if volume.socket_fd is not None:  # the named descriptor was not consumed: close it
-                    with contextlib.suppress(MonitorError):
-                        await self._execute(vm, "closefd", {"fdname": nbd_fd_name(volume.volume_id)})
-                raise
-            vm.nodes.add(node)
-            # virtio-blk serial: at most 20 bytes; lets the guest tell volumes apart (/sys/block/*/serial).
-            serial = volume.volume_id.hex[:20]
-            blk = {"driver": "virtio-blk-pci", "id": device, "drive": node, "bus": port, "serial": serial}
-            await self._plug(vm, device, blk, rollback_node=node)
+        try:
+            async with vm.lock:
+                self._check_absent(vm, device)
+                port = await self._free_port(vm)
+                if node in vm.nodes:  # left behind by an unplug that completed without us
+                    await self._execute(vm, "blockdev-del", {"node-name": node})
+                    vm.nodes.discard(node)
+                fdset: int | None = None
+                if file_fd >= 0:
+                    # QEMU gets the open file, never the path: the volume needs no permission for
+                    # QEMU's user (C15), and QEMU cannot be pointed at another file.
+                    adding = vm.monitor.add_fd(file_fd, device, timeout=self.command_timeout_s)
+                    fdset = await self._call(vm, adding, refused=BackendFailure.DEVICE_REJECTED, what=device)
+                    file: dict[str, object] = {"driver": "file", "filename": f"/dev/fdset/{fdset}"}
+                else:
+                    assert volume.socket_fd is not None
+                    fdname = nbd_fd_name(volume.volume_id)
+                    passing = vm.monitor.pass_fd(volume.socket_fd, fdname, timeout=self.command_timeout_s)
+                    await self._call(vm, passing, refused=BackendFailure.DEVICE_REJECTED, what=device)
+                    # QMP SocketAddress type "fd": the name of a descriptor passed with getfd.
+                    file = {"driver": "nbd", "server": {"type": "fd", "str": fdname}}
+                blockdev = {"driver": "raw", "node-name": node, "read-only": volume.read_only, "file": file}
+                try:
+                    await self._execute(vm, "blockdev-add", blockdev, refused=BackendFailure.DEVICE_REJECTED,
+                                        what=device)  # fmt: skip
+                except BackendError:
+                    if volume.socket_fd is not None:  # the named descriptor was not consumed: close it
+                        with contextlib.suppress(MonitorError):
+                            await self._execute(vm, "closefd", {"fdname": nbd_fd_name(volume.volume_id)})
+                    raise
+                finally:
+                    if fdset is not None:
+                        await self._remove_fdset(vm, fdset)
+                vm.nodes.add(node)
+                # virtio-blk serial: at most 20 bytes; lets the guest tell volumes apart (/sys/block/*/serial).
+                serial = volume.volume_id.hex[:20]
+                blk = {"driver": "virtio-blk-pci", "id": device, "drive": node, "bus": port, "serial": serial}
+                await self._plug(vm, device, blk, rollback_node=node)
+        finally:
+            if file_fd >= 0:
+                os.close(file_fd)
+
+    async def _remove_fdset(self, vm: QemuVm, fdset: int) -> None:
+        """Drop QEMU's fdset copy of a volume file once blockdev-add has opened it (or failed to).
+
+        The block node keeps its own duplicate, closed by blockdev-del; QEMU then frees the empty set.
+        A failure here leaves one descriptor in QEMU until the VM ends, which is logged, not fatal.
+        """
+        try:
+            await self._execute(vm, "remove-fd", {"fdset-id": fdset})
+        except BackendError as exc:
+            log.warning("vm %s: remove-fd %d failed: %s", vm.instance_id, fdset, exc)
 
     async def detach_volume(self, handle: QemuVm, volume_id: uuid.UUID) -> None:
         """RUNNING. device_del, wait for DEVICE_DELETED, blockdev-del (TIMEOUT: see the module docstring)."""

@@ -8,7 +8,9 @@ Three layers, kept apart as in qemu.qmp itself (STYLE.md):
   the VM's private runtime directory; QEMU connects to it (``-chardev socket,server=off``). The
   agent never calls connect(2) (claim C1). The listener accepts only a peer whose kernel-reported
   credentials (SO_PEERCRED) name the expected QEMU process; any other peer is closed at once and
-  logged as an alarm, because on a passive host nobody else has a reason to connect there.
+  logged as an alarm, because on a passive host nobody else has a reason to connect there. The
+  socket file stays the agent's: mode 0600, or 0660 with QEMU's group when QEMU runs as an
+  unprivileged user (connect(2) needs write permission on the socket inode; claim C15).
 - **Framing** (qemu.qmp's :class:`~qemu.qmp.QMPClient`): JSON objects, one per line. The accepted
   socket is handed to ``QMPClient.connect``, which with a socket object only wraps it in asyncio
   streams (no connect(2) is made). Reads are capped at :data:`QMP_READ_LIMIT` bytes per message
@@ -24,8 +26,8 @@ Invariants:
    every command, and every event wait built on :meth:`Monitor.tap`.
 2. Memory is bounded: qemu.qmp's default listener, which would queue every event of a VM's life,
    is disabled; events reach the backend only through taps, which keep nothing.
-3. Descriptors are passed (SCM_RIGHTS) and named with ``getfd`` under one lock, so two concurrent
-   passes cannot swap names (QEMU's ``getfd`` takes the most recently received descriptor).
+3. Descriptors are passed (SCM_RIGHTS) and claimed with ``getfd`` or ``add-fd`` under one lock, so
+   two concurrent passes cannot swap them (both commands take the most recently received descriptor).
 4. Error details that came from QEMU are cut to :data:`MAX_DETAIL` printable characters before they
    travel up (to the agent's answers and logs).
 """
@@ -108,7 +110,8 @@ class PeerListener:
     file there is refused, so the listener never deletes something it does not own.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, group: int | None = None) -> None:
+        """``group``: the gid QEMU runs with, if it is not the agent's user (the socket becomes 0660)."""
         self.path = path
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
@@ -118,7 +121,10 @@ class PeerListener:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.bind(str(path))
-            os.chmod(path, 0o600)
+            # The group first, then the mode: the group never holds write permission it should not.
+            if group is not None:
+                os.chown(path, -1, group, follow_symlinks=False)
+            os.chmod(path, 0o600 if group is None else 0o660)
             self._sock.listen(1)
             self._sock.setblocking(False)
             self._inode = os.lstat(path).st_ino
@@ -251,13 +257,33 @@ class Monitor:
         The caller keeps ``fd``: QEMU holds its own copy until a command consumes or closes it.
         """
         async with self._fd_lock:
-            try:
-                self._client.send_fd_scm(fd)
-            except StateError as exc:
-                raise await self._closed("getfd", exc) from exc
-            except (OSError, QMPError) as exc:
-                raise MonitorClosed(f"sending a descriptor failed: {bounded(exc)}") from exc
+            await self._send_fd(fd, "getfd")
             await self.execute("getfd", {"fdname": fdname}, timeout=timeout)
+
+    async def add_fd(self, fd: int, opaque: str, *, timeout: float) -> int:
+        """Put a duplicate of ``fd`` into a new fdset (QMP ``add-fd``); returns the fdset id.
+
+        QEMU then opens ``/dev/fdset/<id>`` by duplicating that descriptor instead of opening a host
+        path, so the file needs no permission for QEMU's user (claim C15). The access mode of
+        ``fd`` (O_RDONLY, O_RDWR) must be the one QEMU asks for: QEMU matches on it. The caller
+        keeps ``fd``, and should ``remove-fd`` the set once it has been opened.
+        """
+        async with self._fd_lock:
+            await self._send_fd(fd, "add-fd")
+            result = await self.execute("add-fd", {"opaque": opaque}, timeout=timeout)
+        fdset = result.get("fdset-id") if isinstance(result, dict) else None
+        if type(fdset) is not int or fdset < 0:
+            raise MonitorProtocolError(f"add-fd returned {bounded(result, 80)}")
+        return fdset
+
+    async def _send_fd(self, fd: int, command: str) -> None:
+        """SCM_RIGHTS ``fd`` to QEMU, for ``command`` to claim next (the caller holds the fd lock)."""
+        try:
+            self._client.send_fd_scm(fd)
+        except StateError as exc:
+            raise await self._closed(command, exc) from exc
+        except (OSError, QMPError) as exc:
+            raise MonitorClosed(f"sending a descriptor failed: {bounded(exc)}") from exc
 
     def tap(self, names: Collection[str], callback: Callable[[str, Mapping[str, Any]], None]) -> None:
         """Call ``callback(event_name, data)`` for each event named in ``names``, for the session's life."""

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import pwd
+import re
+import shutil
+import stat
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from hostagent.config import ConfigError, load, parse
+from hostagent import main
+from hostagent.backends.qemu import QemuBackend, RunAs
+from hostagent.config import AgentConfig, ConfigError, load, parse
 
 MINIMAL = """
 [agent]
@@ -86,3 +96,77 @@ def test_paths_too_long_for_unix_sockets_are_refused() -> None:
         parse(MINIMAL.replace('runtime_dir = "/run/p/instances"', f'runtime_dir = "{long_dir}"'))
     with pytest.raises(ConfigError, match="socket is longer than 107 bytes"):
         parse(MINIMAL.replace('socket = "/run/p/agent.sock"', f'socket = "/{"s" * 110}"'))
+
+
+# --- [qemu] user: parsed here, resolved at start-up (hostagent.main, claim C15) ---------------------
+
+
+def with_qemu(lines: str) -> str:
+    return MINIMAL.replace("[images]", f"[qemu]\n{lines}\n[images]", 1)
+
+
+def test_the_qemu_user_is_an_optional_plain_user_name() -> None:
+    assert parse(MINIMAL).qemu_user is None
+    assert parse(with_qemu('user = "passivisor-qemu"')).qemu_user == "passivisor-qemu"
+    for bad in ('"Root"', '"1qemu"', '"-qemu"', '"qemu user"', '"qemu:0"', '""', "0", '"' + "q" * 33 + '"'):
+        with pytest.raises(ConfigError, match=r"\[qemu\] user must be a user name"):
+            parse(with_qemu(f"user = {bad}"))
+
+
+def _startup_config(tmp_path: Path, user: str | None) -> AgentConfig:
+    config = parse(with_qemu(f'user = "{user}"' if user else ""))
+    return replace(config, runtime_dir=tmp_path)
+
+
+def test_without_a_qemu_user_the_agent_warns_that_c15_is_weakened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="passivisor.agent"):
+        assert main._qemu_user(_startup_config(tmp_path, None)) is None
+    assert "[qemu] user is not set" in caplog.text and "C15" in caplog.text
+
+
+@pytest.mark.parametrize(("user", "message"), [
+    ("no-such-user-passivisor", "does not exist; create it with `useradd --system"),
+    (pwd.getpwuid(0).pw_name, "must not run as root"),
+])
+def test_a_qemu_user_that_cannot_be_used_stops_the_start(tmp_path: Path, user: str, message: str) -> None:
+    with pytest.raises(main.StartupError, match=re.escape(message)):
+        main._backend(_startup_config(tmp_path, user))
+
+
+def test_a_qemu_user_needs_a_root_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(main.StartupError, match="needs an agent running as root"):
+        main._qemu_user(_startup_config(tmp_path, "nobody"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the agent gives the runtime directory to QEMU's group as root")
+def test_the_qemu_user_is_resolved_and_given_the_runtime_root(tmp_path: Path) -> None:
+    entry = pwd.getpwnam("nobody")
+    root = Path(tempfile.mkdtemp(prefix="pvc-"))  # below /tmp (1777), so that "nobody" can reach it
+    try:
+        backend = main._backend(_startup_config(root, "nobody"))
+        assert isinstance(backend, QemuBackend) and backend.run_as is not None
+        assert (backend.run_as.uid, backend.run_as.gid) == (entry.pw_uid, entry.pw_gid)
+        info = root.stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o710, entry.pw_gid)
+    finally:
+        shutil.rmtree(root)
+
+
+def test_a_qemu_user_that_cannot_open_dev_kvm_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kvm = tmp_path / "kvm"
+    kvm.write_bytes(b"")
+    who = RunAs(61_001, 61_001, name="q")
+    for mode, warned in ((0o600, True), (0o660, True), (0o666, False)):
+        kvm.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="passivisor.agent"):
+            main._check_kvm_access(who, "auto", kvm)
+        assert ("cannot open" in caplog.text and "fall back to TCG" in caplog.text) is warned, mode
+    with caplog.at_level(logging.WARNING, logger="passivisor.agent"):
+        main._check_kvm_access(who, "kvm", tmp_path / "absent")  # no KVM on the host: nothing to say
+    assert "absent" not in caplog.text

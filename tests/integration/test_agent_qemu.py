@@ -11,6 +11,7 @@ kill -9 of the agent that the guest survives.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import time
@@ -140,3 +141,46 @@ def test_the_guest_survives_a_kill_9_of_the_agent(host: agenthost.AgentHost, age
     stopped = link.request(m.StopInstance(iid, m.StopMode.GRACEFUL, 30))
     assert isinstance(stopped, m.InstanceInfo) and stopped.state is m.InstanceState.STOPPED
     assert process.start_ticks(qemu) is None
+
+
+def test_qemu_runs_as_the_unprivileged_user_and_still_gets_its_volume(host: agenthost.AgentHost,
+                                                                      agent: list[object]) -> None:
+    """Claim C15 through the real agent (seccomp on): QEMU runs as ``passivisor-qemu``, not as root, and a
+    volume file that only root may open reaches the guest all the same (the agent passes it open)."""
+    if os.geteuid() != 0:
+        pytest.skip("the agent can start QEMU as another user only as root")
+    try:
+        entry = pwd.getpwnam(agenthost.QEMU_USER)
+    except KeyError:
+        pytest.fail(f"no system user {agenthost.QEMU_USER}: `make deps` (as root) creates it; without it QEMU "
+                    "runs as root")
+    assert f'user = "{agenthost.QEMU_USER}"' in host.config.read_text()
+    assert f"QEMU runs as {agenthost.QEMU_USER} (uid {entry.pw_uid}, gid {entry.pw_gid}" in host.log.read_text()
+    link = connect(host)
+    iid, volume = uuid.uuid4(), uuid.uuid4()
+    info = link.request(m.StartInstance(iid, 1, 256, host.image_digest, host.image_signature))
+    assert isinstance(info, m.InstanceInfo) and info.state is m.InstanceState.RUNNING
+    console = host.runtime_dir / iid.hex / "console.log"
+    console_line(console, lambda line: line == "PASSIVISOR-GUEST-READY")
+    [qemu] = find_qemu(host)
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{qemu}/status").read_text().splitlines())
+    assert status["Uid"].split() == [str(entry.pw_uid)] * 4  # real, effective, saved, filesystem
+    assert status["Gid"].split() == [str(entry.pw_gid)] * 4
+    assert status["Groups"].split() == [str(g) for g in os.getgrouplist(entry.pw_name, entry.pw_gid)
+                                        if g != entry.pw_gid]  # fmt: skip
+    assert int(status["CapEff"], 16) == 0
+
+    path = host.volume_dir / str(volume)
+    with open(path, "wb") as file:
+        file.truncate(8 << 20)
+    path.chmod(0o600)  # root's, in the agent's 0700 volume directory: QEMU's user cannot open it by name
+    mark = console.stat().st_size
+    assert link.request(m.AttachVolume(iid, volume, m.VolumeSource.FILE, False)) == m.VolumeStatus(
+        iid, volume, m.VolumeState.ATTACHED)
+    console_line(console, lambda line: disks(line) == ["vda"], after=mark, timeout=60)
+    mark = console.stat().st_size
+    assert link.request(m.DetachVolume(iid, volume)) == m.VolumeStatus(iid, volume, m.VolumeState.DETACHED)
+    console_line(console, lambda line: disks(line) == [], after=mark, timeout=60)
+    stopped = link.request(m.StopInstance(iid, m.StopMode.GRACEFUL, 30))
+    assert isinstance(stopped, m.InstanceInfo) and stopped.state is m.InstanceState.STOPPED
+    assert find_qemu(host) == []

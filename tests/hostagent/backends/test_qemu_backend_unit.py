@@ -8,6 +8,7 @@ device tree. Every rejection path checks that the VM's state did not change.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import socket
@@ -40,6 +41,8 @@ class FakeMonitor:
         self.peripheral: dict[str, str] = {}  # qdev id -> root port
         self.nodes: set[str] = set()
         self.refuse: dict[str, CommandFailed] = {}
+        self.fdsets: dict[int, tuple[int, int]] = {}  # fdset id -> (inode, access mode) of the passed file
+        self.opened: list[tuple[int, int]] = []  # what each blockdev-add over an fdset opened
         self.guest_releases = True
         self.on: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
@@ -58,6 +61,9 @@ class FakeMonitor:
             name = args["path"].rsplit("/", 1)[1]
             return f"/machine/peripheral/{self.peripheral[name]}/{self.peripheral[name]}"
         if command == "blockdev-add":
+            filename = args["file"].get("filename", "")
+            if filename.startswith("/dev/fdset/"):  # a KeyError here is QEMU's "no such fdset"
+                self.opened.append(self.fdsets[int(filename.removeprefix("/dev/fdset/"))])
             self.nodes.add(args["node-name"])
         elif command == "blockdev-del":
             self.nodes.remove(args["node-name"])
@@ -68,6 +74,8 @@ class FakeMonitor:
                 raise CommandFailed("device_del", "DeviceNotFound", f"Device '{args['id']}' not found")
             if self.guest_releases:
                 asyncio.get_running_loop().call_later(0.01, self.release, args["id"])
+        elif command == "remove-fd":
+            del self.fdsets[args["fdset-id"]]
         elif command == "query-named-block-nodes":
             return [{"node-name": n} for n in sorted(self.nodes)] + [{"node-name": "#block123"}]
         return {}
@@ -79,6 +87,14 @@ class FakeMonitor:
 
     async def pass_fd(self, fd: int, fdname: str, *, timeout: float) -> None:
         self.calls.append(("pass_fd", {"fdname": fdname}))
+
+    async def add_fd(self, fd: int, opaque: str, *, timeout: float) -> int:
+        self.calls.append(("add_fd", {"opaque": opaque}))
+        if "add_fd" in self.refuse:
+            raise self.refuse["add_fd"]
+        fdset = len(self.fdsets) + 100
+        self.fdsets[fdset] = os.fstat(fd).st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        return fdset
 
     def tap(self, names: Any, callback: Any) -> None:
         pass
@@ -154,8 +170,14 @@ def test_attach_plugs_a_raw_file_on_the_first_free_port(runtime_dir: Path, sleep
         assert vm.record.devices == (volume_device_id(a), volume_device_id(b))
         assert monitor.peripheral == {volume_device_id(a): "rp0", volume_device_id(b): "rp1"}
         blockdev = next(args for c, args in monitor.calls if c == "blockdev-add")
+        # QEMU opens the file through an fdset, never by its path (C15).
         assert blockdev == {"driver": "raw", "node-name": volume_node_name(a), "read-only": True,
-                            "file": {"driver": "file", "filename": str(tmp_path / "vol.raw")}}  # fmt: skip
+                            "file": {"driver": "file", "filename": "/dev/fdset/100"}}  # fmt: skip
+        inode = os.stat(tmp_path / "vol.raw").st_ino
+        assert monitor.opened == [(inode, os.O_RDONLY), (inode, os.O_RDWR)]  # the access mode QEMU asks for
+        assert monitor.fdsets == {}  # removed once opened: only the block nodes hold the file
+        assert monitor.commands()[:6] == ["qom-list", "add_fd", "blockdev-add", "remove-fd", "device_add",
+                                          "qom-list"]  # fmt: skip
         device = next(args for c, args in monitor.calls if c == "device_add")
         assert device == {"driver": "virtio-blk-pci", "id": volume_device_id(a), "drive": volume_node_name(a),
                           "bus": "rp0", "serial": a.hex[:20]}  # fmt: skip
@@ -183,6 +205,58 @@ def test_a_refused_blockdev_add_plugs_nothing(runtime_dir: Path, sleeper: Any, t
             await backend.attach_volume(vm, VolumeSpec(uuid.uuid4(), read_only=False, path=raw_file(tmp_path)))
         assert refused.value.failure is BackendFailure.DEVICE_REJECTED
         assert "device_add" not in monitor.commands() and vm.record.devices == ()
+
+    run_with_vm(runtime_dir, sleeper, scenario)
+
+
+def descriptors_on(path: Path) -> int:
+    """How many descriptors of this process are open on ``path``'s inode."""
+    inode = os.stat(path).st_ino
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.stat(f"/proc/self/fd/{fd}").st_ino == inode
+        except OSError:
+            continue
+    return count
+
+
+def test_a_refused_file_blockdev_add_drops_the_fdset_and_the_descriptor(
+    runtime_dir: Path, sleeper: Any, tmp_path: Path
+) -> None:
+    async def scenario(backend: QemuBackend, vm: QemuVm, monitor: FakeMonitor) -> None:
+        path = raw_file(tmp_path)
+        monitor.refuse["blockdev-add"] = CommandFailed("blockdev-add", "GenericError", "Could not open")
+        with pytest.raises(BackendError) as refused:
+            await backend.attach_volume(vm, VolumeSpec(uuid.uuid4(), read_only=False, path=path))
+        assert refused.value.failure is BackendFailure.DEVICE_REJECTED
+        assert monitor.commands()[-3:] == ["add_fd", "blockdev-add", "remove-fd"]
+        assert monitor.fdsets == {} and descriptors_on(path) == 0 and vm.record.devices == ()
+
+        monitor.refuse["add_fd"] = CommandFailed("add-fd", "GenericError", "No file descriptor supplied")
+        with pytest.raises(BackendError) as not_passed:
+            await backend.attach_volume(vm, VolumeSpec(uuid.uuid4(), read_only=False, path=path))
+        assert not_passed.value.failure is BackendFailure.DEVICE_REJECTED
+        assert monitor.commands()[-1] == "add_fd" and descriptors_on(path) == 0 and vm.record.devices == ()
+
+    run_with_vm(runtime_dir, sleeper, scenario)
+
+
+def test_a_volume_path_that_is_not_a_plain_file_is_refused_without_blocking(
+    runtime_dir: Path, sleeper: Any, tmp_path: Path
+) -> None:
+    """The path is opened once, without following links and without waiting; the opened object is checked."""
+    link = tmp_path / "link"
+    link.symlink_to(raw_file(tmp_path))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it O_RDONLY would block until a writer came, freezing the agent
+
+    async def scenario(backend: QemuBackend, vm: QemuVm, monitor: FakeMonitor) -> None:
+        for path, read_only in ((link, False), (fifo, True), (fifo, False), (tmp_path, True)):
+            with pytest.raises(BackendError) as refused:
+                await asyncio.wait_for(backend.attach_volume(vm, VolumeSpec(uuid.uuid4(), read_only, path=path)), 5)
+            assert refused.value.failure is BackendFailure.DEVICE_REJECTED, path
+        assert monitor.calls == [] and vm.record.devices == ()
 
     run_with_vm(runtime_dir, sleeper, scenario)
 

@@ -275,6 +275,15 @@ def test_the_listener_accepts_the_expected_peer_only(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_the_listener_shares_its_socket_with_qemus_group_when_asked(tmp_path: Path) -> None:
+    """QEMU running as another user connects through its group: connect(2) needs write on the inode (C15)."""
+    gid = 61_002 if os.geteuid() == 0 else os.getgid()  # not root: only a group of our own may be given
+    listener = PeerListener(tmp_path / "qmp.sock", group=gid)
+    info = os.lstat(tmp_path / "qmp.sock")
+    assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o660, os.geteuid(), gid)
+    listener.close(unlink=True)
+
+
 def test_the_listener_replaces_a_stale_socket_but_nothing_else(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(tmp_path / "qmp.sock"))
