@@ -81,7 +81,7 @@ class AgentConfig:
 _MISSING = object()
 
 
-class _Section:
+class Section:
     def __init__(self, data: dict[str, Any], name: str) -> None:
         self.data = data
         self.name = name
@@ -123,6 +123,15 @@ class _Section:
         if type(value) is not bool:
             raise ConfigError(f"[{self.name}] {key} must be true or false")
         return value
+
+    def address(self, key: str, default: Any = _MISSING) -> str:
+        """HOST:PORT, the host a name or an IPv4 address, the port 0..65535."""
+        value = self._get(key, default)
+        host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+        if (not host or not all(c.isalnum() or c in "-." for c in host) or not port.isdigit()
+                or int(port) > 65535):
+            raise ConfigError(f"[{self.name}] {key} must be HOST:PORT")
+        return str(value)
 
     def word(self, key: str, default: Any = _MISSING) -> str:
         value = self._get(key, default)
@@ -175,7 +184,7 @@ def parse(text: str) -> AgentConfig:
         data = document.get(name, {})
         if not isinstance(data, dict):
             raise ConfigError(f"[{name}] must be a table")
-        sections[name] = _Section(data, name)
+        sections[name] = Section(data, name)
     a, lim, h, img, q, sb = (sections[n] for n in _SECTIONS)
     config = AgentConfig(
         socket=a.path("socket"),

@@ -1,0 +1,438 @@
+"""The gRPC adapter of the controller: mTLS in, audited, authorized commands out (claims C2, C3, C5, C11, C16).
+
+Theory of operation.  One generic handler serves every method of
+``passivisor.v1.HostController`` (plus the standard health check).  It
+receives the *raw* request bytes, so nothing reaches protobuf before the
+caller is known, and every attempt, whatever its fate, is audited.  The
+order of checks for each call, denying by default at every step:
+
+1. authentication: exactly one URI SAN on a TLS 1.3 client certificate
+   (``controller.pki.principal_of``), else UNAUTHENTICATED;
+2. authorization of the method (``controller.policy``), else PERMISSION_DENIED;
+   a method without a policy entry is denied because the policy has no entry;
+3. parsing and validation against the constraints declared in the .proto
+   (``controller.api.constraints``), then conversion into a typed agent
+   command (this module, ``_command``): INVALID_ARGUMENT with field violations;
+4. authorization of the limits (vCPUs, memory, instance-id prefixes);
+5. rate limits per principal and per instance: RESOURCE_EXHAUSTED with a retry hint;
+6. idempotency of mutating calls by client token (replay, refusal of reuse);
+7. audit: a mutating call's intent is durable before it runs and its
+   outcome is recorded after; a read-only call is recorded once;
+8. execution through the one agent connection, with the caller's deadline.
+
+Domain errors become gRPC status codes here and only here (``_abort``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hostagent.wire import messages as m
+
+from . import policy as pol
+from .api.constraints import validate
+from .api.gen.passivisor.v1 import controller_pb2 as pb
+from .app import AgentConnection, Code, ControllerError, Violation
+from .audit import AuditLog, CallRecord, Decision, Outcome, audit_method, audit_principal, redact
+from .idempotency import IdempotencyStore, InProgress, New, Replay, TokenReused, request_fingerprint
+from .pki import principal_of
+from .ratelimit import RateLimited, RateLimiter
+from .telemetry import Telemetry
+
+log = logging.getLogger("passivisor.controller")
+
+SERVICE = "passivisor.v1.HostController"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}
+
+REQUESTS: dict[pol.Method, type[Any]] = {
+    pol.Method.START_INSTANCE: pb.StartInstanceRequest,
+    pol.Method.STOP_INSTANCE: pb.StopInstanceRequest,
+    pol.Method.ATTACH_VOLUME: pb.AttachVolumeRequest,
+    pol.Method.DETACH_VOLUME: pb.DetachVolumeRequest,
+    pol.Method.ASSIGN_VIRTUAL_FUNCTION: pb.AssignVirtualFunctionRequest,
+    pol.Method.RELEASE_VIRTUAL_FUNCTION: pb.ReleaseVirtualFunctionRequest,
+    pol.Method.DESCRIBE_INSTANCE: pb.DescribeInstanceRequest,
+    pol.Method.LIST_INSTANCES: pb.ListInstancesRequest,
+    pol.Method.GET_HOST_IDENTITY: pb.GetHostIdentityRequest,
+    pol.Method.READ_AUDIT_LOG: pb.ReadAuditLogRequest,
+    pol.Method.GET_METRICS: pb.GetMetricsRequest,
+    pol.Method.POLL_EVENTS: pb.PollEventsRequest,
+}
+
+_DECISION_OF = {
+    Code.UNAUTHENTICATED: Decision.DENIED,
+    Code.PERMISSION_DENIED: Decision.DENIED,
+    Code.INVALID_ARGUMENT: Decision.INVALID,
+    Code.RESOURCE_EXHAUSTED: Decision.RATE_LIMITED,
+}
+
+
+@dataclass(frozen=True)
+class HostKeys:
+    """What GetHostIdentity publishes: public keys only."""
+
+    public_key: bytes  # X25519, for wrapping volume keys
+    fingerprint: bytes  # SHA-256 of public_key
+    signing_public_key: bytes  # Ed25519, for audit checkpoints
+
+
+def _uuid(value: str) -> uuid.UUID:
+    return uuid.UUID(value)  # the pattern constraint already made it canonical
+
+
+def _pci(address: Any) -> m.PciAddress:
+    return m.PciAddress(address.domain, address.bus, address.device, address.function)
+
+
+def _pb_pci(address: m.PciAddress) -> Any:
+    return pb.PciAddress(domain=address.domain, bus=address.bus, device=address.device, function=address.function)
+
+
+def _instance(info: m.InstanceInfo) -> Any:
+    return pb.InstanceInfo(instance_id=str(info.instance_id), state=int(info.state),  # type: ignore[arg-type]  # same numbers as the agent
+                           vcpus=info.vcpus,
+                           memory_mib=info.memory_mib, image_digest=info.image_digest,
+                           host_cpus=list(info.host_cpus), volume_ids=[str(v) for v in info.volumes],
+                           virtual_functions=[_pb_pci(vf) for vf in info.vfs])
+
+
+def _command(method: pol.Method, request: Any) -> tuple[m.Message | None, pol.RequestFacts, dict[str, Any]]:
+    """The one place a validated request becomes a typed agent command, its policy facts and its parameters.
+
+    Checks the proto cannot express are made here (unicast MAC), with the
+    same rules as the agent's codec, so an invalid command never leaves the
+    controller.  Returns (command or None for controller-local methods, facts,
+    canonical parameters for idempotency and audit).
+    """
+    M = pol.Method
+    cmd: m.Message | None
+    if method is M.START_INSTANCE:
+        iid = _uuid(request.instance_id)
+        cmd = m.StartInstance(iid, request.vcpus, request.memory_mib, request.image_digest,
+                                         request.image_signature)
+        facts = pol.RequestFacts(instance_id=iid, vcpus=request.vcpus, memory_mib=request.memory_mib)
+        params = {"instance_id": iid, "vcpus": request.vcpus, "memory_mib": request.memory_mib,
+                  "image_digest": request.image_digest, "image_signature": request.image_signature}
+    elif method is M.STOP_INSTANCE:
+        iid = _uuid(request.instance_id)
+        cmd = m.StopInstance(iid, m.StopMode(request.mode), request.timeout_seconds)
+        facts = pol.RequestFacts(instance_id=iid)
+        params = {"instance_id": iid, "mode": request.mode, "timeout_seconds": request.timeout_seconds}
+    elif method is M.ATTACH_VOLUME:
+        iid, vid = _uuid(request.instance_id), _uuid(request.volume_id)
+        if request.envelope:
+            raise ControllerError(Code.FAILED_PRECONDITION, "encrypted volumes (envelope) are not supported yet",
+                                  (Violation("envelope", "encrypted volumes arrive with issue 5"),))
+        cmd = m.AttachVolume(iid, vid, m.VolumeSource.FILE, request.read_only)
+        facts = pol.RequestFacts(instance_id=iid)
+        params = {"instance_id": iid, "volume_id": vid, "read_only": request.read_only,
+                  "envelope": request.envelope}
+    elif method is M.DETACH_VOLUME:
+        iid, vid = _uuid(request.instance_id), _uuid(request.volume_id)
+        cmd = m.DetachVolume(iid, vid)
+        facts = pol.RequestFacts(instance_id=iid)
+        params = {"instance_id": iid, "volume_id": vid}
+    elif method is M.ASSIGN_VIRTUAL_FUNCTION:
+        iid = _uuid(request.instance_id)
+        mac = bytes(request.mac)
+        if mac == bytes(6) or mac[0] & 1:
+            raise ControllerError(Code.INVALID_ARGUMENT, "invalid MAC address",
+                                  (Violation("mac", "must be unicast and not all zero"),))
+        pf = _pci(request.physical_function)
+        cmd = m.AssignVf(iid, pf, mac, request.vlan)
+        facts = pol.RequestFacts(instance_id=iid)
+        params = {"instance_id": iid, "pf": str(pf), "mac": mac.hex(), "vlan": request.vlan}
+    elif method is M.RELEASE_VIRTUAL_FUNCTION:
+        iid = _uuid(request.instance_id)
+        vf = _pci(request.virtual_function)
+        cmd = m.ReleaseVf(iid, vf)
+        facts = pol.RequestFacts(instance_id=iid)
+        params = {"instance_id": iid, "vf": str(vf)}
+    elif method is M.DESCRIBE_INSTANCE:
+        iid = _uuid(request.instance_id)
+        cmd, facts, params = m.DescribeInstance(iid), pol.RequestFacts(instance_id=iid), {"instance_id": iid}
+    elif method is M.LIST_INSTANCES:
+        cmd, facts, params = m.ListInstances(), pol.NO_FACTS, {}
+    elif method is M.POLL_EVENTS:
+        cmd = m.GetEvents(request.after_cursor, request.max_events)
+        facts, params = pol.NO_FACTS, {"after_cursor": request.after_cursor, "max_events": request.max_events}
+    elif method is M.READ_AUDIT_LOG:
+        cmd, facts = None, pol.NO_FACTS
+        params = {"from_sequence": request.from_sequence, "max_records": request.max_records}
+    else:  # GetHostIdentity, GetMetrics: answered by the controller itself
+        cmd, facts, params = None, pol.NO_FACTS, {}
+    return cmd, facts, params
+
+
+class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    def __init__(self, *, agent: AgentConnection, policy: pol.Policy, limiter: RateLimiter,
+                 tokens: IdempotencyStore, audit: AuditLog, keys: HostKeys, telemetry: Telemetry,
+                 default_timeout_s: float = 60.0) -> None:
+        self.agent = agent
+        self.policy = policy
+        self.limiter = limiter
+        self.tokens = tokens
+        self.audit = audit
+        self.keys = keys
+        self.telemetry = telemetry
+        self.default_timeout_s = default_timeout_s
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
+        path = handler_call_details.method
+        if path == HEALTH_CHECK:
+            return grpc.unary_unary_rpc_method_handler(self._health)
+        method = pol.Method.from_path(path)
+        if method is None:
+            return None  # UNIMPLEMENTED: not a method of this service
+        return grpc.unary_unary_rpc_method_handler(lambda raw, context: self._call(method, raw, context))
+
+    # --- the pipeline ----------------------------------------------------------------
+
+    def _health(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        if principal_of(context.auth_context()) is None:
+            self._record(None, "Health/Check", {}, Decision.DENIED, Outcome.UNAUTHENTICATED)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate with one URI SAN is required")
+        return _SERVING
+
+    def _call(self, method: pol.Method, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        principal = principal_of(context.auth_context())
+        params: dict[str, Any] = {}
+        code: Code | None = None
+        try:
+            response = self._checked_call(method, raw, context, principal, params)
+            return bytes(response.SerializeToString())
+        except ControllerError as exc:
+            code = exc.code
+            self._abort(context, exc)
+        finally:
+            self.telemetry.observe(method.value, code.value if code else "OK", time.perf_counter() - started)
+
+    def _checked_call(self, method: pol.Method, raw: bytes, context: grpc.ServicerContext,
+                      principal: str | None, params: dict[str, Any]) -> Any:
+        name = method.value
+        if principal is None:
+            self._refuse(None, name, {}, ControllerError(Code.UNAUTHENTICATED,
+                                                         "a client certificate with one URI SAN over TLS 1.3 "
+                                                         "is required"))
+        assert principal is not None
+        decision = self.policy.authorize_method(principal, method)
+        if not decision.allowed:
+            self.telemetry.denied(name)
+            self._refuse(principal, name, {}, ControllerError(Code.PERMISSION_DENIED, decision.detail))
+        try:
+            request = REQUESTS[method].FromString(raw)
+        except DecodeError:
+            self._refuse(principal, name, {"request_bytes": str(len(raw))},
+                         ControllerError(Code.INVALID_ARGUMENT, "the request is not a valid protobuf message"))
+        violations = validate(request, encoded_size=len(raw))
+        if violations:
+            self._refuse(principal, name, {"request_bytes": str(len(raw))}, ControllerError(
+                Code.INVALID_ARGUMENT, "the request breaks its declared constraints",
+                tuple(Violation(v.field or "(request)", v.description) for v in violations)))
+        try:
+            command, facts, params_ = _command(method, request)
+        except ControllerError as exc:
+            self._refuse(principal, name, {}, exc)
+        params.update(params_)
+        summary = redact(params)
+        decision = self.policy.authorize(principal, method, facts)
+        if not decision.allowed:
+            self.telemetry.denied(name)
+            self._refuse(principal, name, summary, ControllerError(Code.PERMISSION_DENIED, decision.detail))
+        mutating = pol.METHODS[method].mutating
+        try:
+            self.limiter.check(principal, facts.instance_id if mutating else None)
+        except RateLimited as exc:
+            self.telemetry.rate_limited(name)
+            self._refuse(principal, name, summary, ControllerError(
+                Code.RESOURCE_EXHAUSTED, f"rate limit of the {exc.bucket.name.lower()} reached",
+                retry_after_ms=exc.retry_after_ms))
+        timeout = context.time_remaining()
+        timeout = self.default_timeout_s if timeout is None else timeout
+        if timeout <= 0:
+            raise ControllerError(Code.DEADLINE_EXCEEDED, "the deadline passed before the call started")
+        if not mutating:
+            try:
+                response = self._execute(method, request, command, timeout)
+            except ControllerError as exc:
+                self._record(principal, name, summary, Decision.ALLOWED, Outcome[exc.code.value])
+                raise
+            self._record(principal, name, summary, Decision.ALLOWED, Outcome.OK)
+            return response
+        return self._mutate(principal, method, request, command, params, summary, timeout)
+
+    def _mutate(self, principal: str, method: pol.Method, request: Any, command: m.Message | None,
+                params: dict[str, Any], summary: dict[str, str], timeout: float) -> Any:
+        name = method.value
+        token = request.client_token
+        summary = {**summary, "client_token": token}
+        try:
+            outcome = self.tokens.begin(principal, name, token, request_fingerprint(name, params))
+        except TokenReused:
+            self._refuse(principal, name, summary, ControllerError(
+                Code.INVALID_ARGUMENT, "client_token was already used with different parameters",
+                (Violation("client_token", "reused with different parameters"),)))
+        if isinstance(outcome, Replay):
+            # The first execution's result, recorded again as what this retry received.
+            if outcome.status_code == 0:
+                self._record(principal, name, summary, Decision.ALLOWED, Outcome.OK)
+                return RESPONSES[method].FromString(outcome.response)
+            code, detail = json.loads(outcome.response)
+            self._record(principal, name, summary, Decision.ALLOWED, Outcome[code])
+            raise ControllerError(Code[code], f"(replayed) {detail}")
+        if isinstance(outcome, InProgress):
+            self._refuse(principal, name, summary, ControllerError(
+                Code.ABORTED, "the same request is still running; retry later", retry_after_ms=1000))
+        assert isinstance(outcome, New)
+        intent = self.audit.begin(audit_principal(principal), audit_method(name), summary)
+        try:
+            response = self._execute(method, request, command, timeout)
+        except ControllerError as exc:
+            self.audit.finish(intent, Outcome[exc.code.value])
+            if exc.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
+                self.tokens.abandon(outcome.key)  # unknown effect: the client retries with the same token
+            else:
+                self.tokens.complete(outcome.key, _status_number(exc.code),
+                                     json.dumps([exc.code.value, exc.detail]).encode())
+            raise
+        self.audit.finish(intent, Outcome.OK)
+        self.tokens.complete(outcome.key, 0, response.SerializeToString())
+        return response
+
+    # --- execution ---------------------------------------------------------------------
+
+    def _execute(self, method: pol.Method, request: Any, command: m.Message | None, timeout: float) -> Any:
+        M = pol.Method
+        if method is M.GET_HOST_IDENTITY:
+            return pb.GetHostIdentityResponse(public_key=self.keys.public_key, fingerprint=self.keys.fingerprint,
+                                              signing_public_key=self.keys.signing_public_key)
+        if method is M.GET_METRICS:
+            agent_metrics = None
+            try:
+                answer = self.agent.request(m.GetMetrics(), timeout=timeout, mutating=False)
+                agent_metrics = answer if isinstance(answer, m.Metrics) else None
+            except ControllerError:
+                agent_metrics = None  # the link state metric says why
+            return pb.GetMetricsResponse(text=self.telemetry.render(self.agent, agent_metrics),
+                                         content_type=self.telemetry.content_type)
+        if method is M.READ_AUDIT_LOG:
+            return self._read_audit(request)
+        assert command is not None
+        answer = self.agent.request(command, timeout=timeout, mutating=pol.METHODS[method].mutating)
+        if isinstance(answer, m.InstanceInfo):
+            response_type = RESPONSES[method]
+            return response_type(instance=_instance(answer))
+        if isinstance(answer, m.VolumeStatus):
+            return RESPONSES[method](instance_id=str(answer.instance_id), volume_id=str(answer.volume_id),
+                                     state=int(answer.state))
+        if isinstance(answer, m.VfStatus):
+            return RESPONSES[method](instance_id=str(answer.instance_id), virtual_function=_pb_pci(answer.vf),
+                                     vf_index=answer.vf_index, state=int(answer.state))
+        if isinstance(answer, m.InstanceList):
+            return pb.ListInstancesResponse(instances=[
+                pb.InstanceSummary(instance_id=str(i.instance_id), state=int(i.state),  # type: ignore[arg-type]
+                                   vcpus=i.vcpus,
+                                   memory_mib=i.memory_mib) for i in answer.instances])
+        if isinstance(answer, m.Events):
+            return pb.PollEventsResponse(next_cursor=answer.next_cursor, events=[_event(e) for e in answer.events])
+        raise ControllerError(Code.INTERNAL, f"unexpected answer {type(answer).__name__}")
+
+    def _read_audit(self, request: Any) -> Any:
+        records = self.audit.read(request.from_sequence, request.max_records)
+        out = []
+        for record in records:
+            encoded = record.encode()
+            stamp = Timestamp()
+            stamp.FromMilliseconds(record.time_ms)
+            item = pb.AuditRecord(sequence=record.sequence, time=stamp, prev_hash=record.prev_hash,
+                                  record_hash=record.hash, encoded=encoded)
+            if isinstance(record, CallRecord):
+                item.principal = record.principal
+                item.method = record.method
+                item.parameters.update(dict(record.params))
+                item.outcome = "" if record.outcome is Outcome.PENDING else record.outcome.value
+                item.refers_to = record.refers_to or 0
+            out.append(item)
+        next_sequence = records[-1].sequence + 1 if records else max(request.from_sequence, 1)
+        return pb.ReadAuditLogResponse(records=out, next_sequence=next_sequence)
+
+    # --- refusals, audit and status codes ----------------------------------------------
+
+    def _refuse(self, principal: str | None, method: str, summary: dict[str, str], exc: ControllerError) -> NoReturn:
+        """Audit a refused call (never with key material: ``summary`` is already redacted), then raise."""
+        self._record(principal, method, summary, _DECISION_OF.get(exc.code, Decision.DENIED), Outcome[exc.code.value])
+        raise exc
+
+    def _record(self, principal: str | None, method: str, params: dict[str, str], decision: Decision,
+                outcome: Outcome) -> None:
+        self.audit.append(audit_principal(principal), audit_method(method), params, decision, outcome)
+
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, exc: ControllerError) -> NoReturn:
+        metadata: list[tuple[str, str]] = []
+        if exc.violations:
+            metadata.append(("passivisor-field-violations",
+                             json.dumps([{"field": v.field, "description": v.description} for v in exc.violations])))
+        if exc.retry_after_ms is not None:
+            metadata.append(("retry-after-ms", str(exc.retry_after_ms)))
+        if metadata:
+            context.set_trailing_metadata(tuple(metadata))
+        detail = exc.detail
+        if exc.violations:
+            detail += ": " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
+        context.abort(grpc.StatusCode[exc.code.value], detail)
+        raise AssertionError("grpc's abort returned")  # it raises; this line is never reached
+
+
+RESPONSES: dict[pol.Method, type[Any]] = {
+    pol.Method.START_INSTANCE: pb.StartInstanceResponse,
+    pol.Method.STOP_INSTANCE: pb.StopInstanceResponse,
+    pol.Method.ATTACH_VOLUME: pb.AttachVolumeResponse,
+    pol.Method.DETACH_VOLUME: pb.DetachVolumeResponse,
+    pol.Method.ASSIGN_VIRTUAL_FUNCTION: pb.AssignVirtualFunctionResponse,
+    pol.Method.RELEASE_VIRTUAL_FUNCTION: pb.ReleaseVirtualFunctionResponse,
+    pol.Method.DESCRIBE_INSTANCE: pb.DescribeInstanceResponse,
+    pol.Method.LIST_INSTANCES: pb.ListInstancesResponse,
+    pol.Method.GET_HOST_IDENTITY: pb.GetHostIdentityResponse,
+    pol.Method.READ_AUDIT_LOG: pb.ReadAuditLogResponse,
+    pol.Method.GET_METRICS: pb.GetMetricsResponse,
+    pol.Method.POLL_EVENTS: pb.PollEventsResponse,
+}
+
+def _status_number(code: Code) -> int:
+    return int(grpc.StatusCode[code.value].value[0])
+
+
+def _event(event: m.Event) -> Any:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(event.time_ms)
+    return pb.Event(cursor=event.cursor, time=stamp, kind=int(event.kind),  # type: ignore[arg-type]
+                    instance_id="" if event.instance_id is None else str(event.instance_id),
+                    reason=int(event.reason))  # type: ignore[arg-type]
+
+
+def build_server(handler: HostControllerHandler, *, listen: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
+                 max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """A server with one TLS port (client certificates required, no insecure port, no reflection)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), handlers=[handler],
+                         options=[("grpc.max_receive_message_length", 64 * 1024)])
+    credentials = grpc.ssl_server_credentials(((key_pem, cert_pem),), root_certificates=ca_pem,
+                                              require_client_auth=True)
+    port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {listen}")
+    return server, port
+
