@@ -41,6 +41,7 @@ from hostagent.wire import messages as m
 from . import policy as pol
 from .api.constraints import validate
 from .api.gen.passivisor.v1 import controller_pb2 as pb
+from .api.rpc_status import STATUS_DETAILS_KEY, encode_status
 from .app import AgentConnection, Code, ControllerError, Violation
 from .audit import AuditLog, CallRecord, Decision, Outcome, audit_method, audit_principal, redact
 from .idempotency import IdempotencyStore, InProgress, New, Replay, TokenReused, request_fingerprint
@@ -380,18 +381,23 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, exc: ControllerError) -> NoReturn:
-        metadata: list[tuple[str, str]] = []
-        if exc.violations:
-            metadata.append(("passivisor-field-violations",
-                             json.dumps([{"field": v.field, "description": v.description} for v in exc.violations])))
+        """The one mapping of a ControllerError to a gRPC status, with standard rich details.
+
+        Field violations (google.rpc.BadRequest) and the retry hint
+        (google.rpc.RetryInfo) travel in ``grpc-status-details-bin``; the hint
+        is also sent as plain ``retry-after-ms`` for simple clients.
+        """
+        status = grpc.StatusCode[exc.code.value]
+        details = encode_status(status.value[0], exc.detail, [(v.field, v.description) for v in exc.violations],
+                                exc.retry_after_ms)
+        metadata: list[tuple[str, str | bytes]] = [(STATUS_DETAILS_KEY, details)]
         if exc.retry_after_ms is not None:
             metadata.append(("retry-after-ms", str(exc.retry_after_ms)))
-        if metadata:
-            context.set_trailing_metadata(tuple(metadata))
-        detail = exc.detail
+        context.set_trailing_metadata(tuple(metadata))
+        text = exc.detail
         if exc.violations:
-            detail += ": " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
-        context.abort(grpc.StatusCode[exc.code.value], detail)
+            text += ": " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
+        context.abort(status, text)
         raise AssertionError("grpc's abort returned")  # it raises; this line is never reached
 
 

@@ -175,6 +175,9 @@ class HostControllerServicer:
 
     def ReadAuditLog(self, request, context):
         """Reads the hash-chained audit log from a sequence number on.
+        A page holds max_records records unless it reaches the head of the log:
+        a shorter page ends a walk (each read is itself audited, so the log grows
+        while it is read).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
