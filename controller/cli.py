@@ -951,6 +951,32 @@ def run_audit_verify(session: Session) -> int:
 # --- pki ---
 
 
+def run_dev_up(session: Session) -> int:
+    from controller.devhost import devup
+
+    try:
+        document = devup.up(session.args.directory, backend=session.args.backend)
+    except (devup.DevError, RuntimeError, OSError) as exc:
+        raise CommandFailed("dev up", _one_line(str(exc))) from None
+    session.print_json(document)  # the contract: one JSON object, whatever --json says
+    return EXIT_OK
+
+
+def run_dev_down(session: Session) -> int:
+    from controller.devhost import devup
+
+    try:
+        document = devup.down(session.args.directory)
+    except (devup.DevError, OSError) as exc:
+        raise CommandFailed("dev down", _one_line(str(exc))) from None
+    if session.as_json:
+        session.print_json(document)
+    else:
+        session.print(f"stopped the controller (pid {document['controller_pid']}) and the agent "
+                      f"(pid {document['agent_pid']}); instances stopped: {len(document['stopped_instances'])}")
+    return EXIT_OK
+
+
 def run_pki_init(session: Session) -> int:
     try:
         paths: PkiPaths = init_pki(session.args.directory)
@@ -1143,6 +1169,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(init, top=False)
     init.add_argument("directory", type=Path, metavar="DIR", help="a new or empty directory")
     _command(init, "pki init", (), run_pki_init)
+
+    dev = sub("dev", "a complete development host (agent, controller, PKI) in one directory")
+    dev_commands = dev.add_subparsers(dest="dev_command", metavar="ACTION", parser_class=_Parser)
+    dev_commands.required = True
+    dev_up = dev_commands.add_parser("up", help="provision and start an agent and a controller in DIR; print "
+                                                "and save DIR/dev.json")
+    _add_global_options(dev_up, top=False)
+    dev_up.add_argument("directory", type=Path, metavar="DIR")
+    dev_up.add_argument("--backend", choices=("qemu", "sim"), default="qemu")
+    _command(dev_up, "dev up", (), run_dev_up)
+    dev_down = dev_commands.add_parser("down", help="stop the instances, the controller and the agent of DIR")
+    _add_global_options(dev_down, top=False)
+    dev_down.add_argument("directory", type=Path, metavar="DIR")
+    _command(dev_down, "dev down", (), run_dev_down)
     return parser
 
 

@@ -168,3 +168,18 @@ def stop(child: subprocess.Popen[bytes], *, timeout: float = 10.0) -> int:
                 os.killpg(child.pid, signal.SIGKILL)
             child.wait()
     return child.returncode
+
+
+def kill_vms(host: AgentHost) -> int:
+    """SIGKILL every VM process of ``host`` (its argv names the runtime directory); returns how many.
+
+    For test teardown: stopping the agent deliberately leaves VMs running (live update).
+    """
+    from hostagent import process
+
+    killed = 0
+    for pid in process.find_by_argument(str(host.runtime_dir).encode()):
+        ticks = process.start_ticks(pid)
+        if ticks is not None and process.kill(pid, ticks, signal.SIGKILL):
+            killed += 1
+    return killed

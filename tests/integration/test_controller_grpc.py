@@ -52,6 +52,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     yield Host(agent, controller, endpoint)
     agenthost.stop(process)
     agenthost.stop(agent_process)
+    agenthost.kill_vms(agent)
 
 
 def start_request(host: Host, instance_id: str, token: str | None = None, vcpus: int = 1) -> object:

@@ -58,6 +58,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
     yield result
     result.stop("controller")
     result.stop("agent")
+    agenthost.kill_vms(agent)
 
 
 def start_request(host: Host, instance_id: str, token: str) -> object:
