@@ -359,11 +359,18 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             item = pb.AuditRecord(sequence=record.sequence, time=stamp, prev_hash=record.prev_hash,
                                   record_hash=record.hash, encoded=encoded)
             if isinstance(record, CallRecord):
+                item.kind = pb.AuditRecordKind.Value(f"AUDIT_RECORD_KIND_{record.kind.name}")
                 item.principal = record.principal
                 item.method = record.method
                 item.parameters.update(dict(record.params))
+                item.decision = pb.AuditDecision.Value(f"AUDIT_DECISION_{record.decision.name}")
                 item.outcome = "" if record.outcome is Outcome.PENDING else record.outcome.value
                 item.refers_to = record.refers_to or 0
+            else:  # a checkpoint signs the head before it (controller/audit/chain.py)
+                item.kind = pb.AUDIT_RECORD_KIND_CHECKPOINT
+                item.checkpoint.head_sequence = record.head_sequence
+                item.checkpoint.head_hash = record.head_hash
+                item.checkpoint.signature = record.signature
             out.append(item)
         next_sequence = records[-1].sequence + 1 if records else max(request.from_sequence, 1)
         return pb.ReadAuditLogResponse(records=out, next_sequence=next_sequence)

@@ -1,31 +1,30 @@
-"""What `make demo` runs until the gRPC controller exists (issue 4).
+"""What `make demo` runs: the whole host, driven through pvctl as a control plane would.
 
-Part 1 walks through the wire codec.  Part 2 starts a real host agent
-(``passivisor-agent``, seccomp on) on a development host in ``.demo/`` and
-drives it over its authenticated socket the way the controller will: start an
-instance from a signed image, watch the guest boot on its serial console,
-hot-plug a volume and see the guest list it, ask for an SR-IOV VF (this host
-has none: a clear refusal), unplug the volume, stop the guest, pull the events
-and metrics, and stop the agent.  With ``--backend qemu`` the guest is a real
-Linux VM under QEMU (TCG); with ``--backend sim`` the VM is simulated and the
-guest-side checks are skipped, which the output says.
+Part 1 walks through the wire codec.  Part 2 brings up a development host in
+``.demo/`` with ``pvctl dev up`` (PKI, the sandboxed ``passivisor-agent``,
+``passivisor-controller``) and runs a scenario with ``pvctl``, each call over
+mTLS with the certificate of the role whose job it is: start an instance from
+a signed image and watch the guest boot on its serial console, attach a volume
+and see the guest list it, ask for an SR-IOV VF (this host has none: a clear
+FAILED_PRECONDITION), detach, stop, read and verify the audit chain, pull the
+events, and shut everything down with ``pvctl dev down``.  With
+``--backend sim`` the VM is simulated and the guest-side checks are skipped,
+which the output says.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from controller.agentlink import AgentLink
 from hostagent.wire import demo as codec_demo
-from hostagent.wire import messages as m
-
-from . import agenthost
 
 DEMO_DIR = Path(".demo")
 
@@ -45,89 +44,76 @@ def _wait_for_console(console: Path, accept: Callable[[str], bool], timeout: flo
     raise SystemExit(f"demo: the guest did not print the expected line within {timeout:.0f} s ({console})")
 
 
-def _show(message: object) -> str:
-    """A message on one short line: enum names, short hex for bytes, ids as they are."""
-    fields = []
-    for name in getattr(message, "__dataclass_fields__", {}):
-        value = getattr(message, name)
-        if isinstance(value, bytes):
-            value = value.hex()[:12] + "..."
-        elif hasattr(value, "name") and not isinstance(value, str):
-            value = value.name
-        elif isinstance(value, tuple):
-            value = "(" + ", ".join(str(v) for v in value) + ")"
-        fields.append(f"{name}={value}")
-    return f"{type(message).__name__}({', '.join(fields)})"
+def pvctl(directory: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run pvctl (as a control-plane service would) and echo the command and its output."""
+    argv = [sys.executable, "-m", "controller.cli", *args]
+    shown = " ".join(a if len(a) <= 40 else a[:16] + "..." for a in args)
+    print(f"$ pvctl {shown}", flush=True)
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=directory.parent)  # noqa: S603
+    for line in (run.stdout + run.stderr).strip().splitlines():
+        print(f"  {line}")
+    if check and run.returncode != 0:
+        raise SystemExit(f"demo: pvctl {args[0]} failed")
+    return run
 
 
 def _disks(line: str) -> list[str]:
     return line.split()[1:]
 
 
-def agent_scenario(backend: str, directory: Path) -> None:
+def scenario(backend: str, directory: Path) -> None:
+    if (directory / "dev.json").exists():
+        subprocess.run([sys.executable, "-m", "controller.cli", "dev", "down", str(directory)],  # noqa: S603
+                       capture_output=True, check=False)
     shutil.rmtree(directory, ignore_errors=True)
-    _step(f"provisioning a development host in {directory} (backend {backend})")
-    host = agenthost.prepare(directory, backend=backend)
-    print(f"channel secret, image-signing key and a signed image (digest {host.image_digest.hex()[:16]}...)")
-    agent = agenthost.start(host, timeout=60)
-    print(f"passivisor-agent pid {agent.pid} listens on {host.socket}; it never connects anywhere")
+    _step(f"pvctl dev up: PKI, agent and controller in {directory} (backend {backend})")
+    up = pvctl(directory, "dev", "up", str(directory), "--backend", backend)
+    dev = json.loads(up.stdout)
+    dev_args = ("--dev", str(directory))
     guest = backend == "qemu"
     try:
-        link = AgentLink(host.socket, host.secret(), timeout=120)
-        link.connect()
-        print("mutual handshake done; every frame from now on carries a MAC and a sequence number")
-        print(f"PING -> {_show(link.request(m.Ping(1)))}")
-
-        _step("START_INSTANCE: the agent re-verifies the image signature and hash, pins whole cores")
-        iid = uuid.uuid4()
-        info = link.request(m.StartInstance(iid, 1, 256, host.image_digest, host.image_signature))
-        print(f"-> {_show(info)}")
-        if not isinstance(info, m.InstanceInfo):
-            raise SystemExit("demo: the instance did not start")
-        console = host.runtime_dir / iid.hex / "console.log"
+        _step("the instance-manager starts an instance; the agent re-verifies the signed image, pins whole cores")
+        iid = str(uuid.uuid4())
+        pvctl(directory, *dev_args, "start", iid, "--vcpus", "1", "--memory-mib", "256",
+              "--image-digest", dev["image_digest"], "--image-signature", dev["image_signature"])
+        console = Path(dev["runtime_dir"]) / uuid.UUID(iid).hex / "console.log"
         if guest:
-            print(_wait_for_console(console, lambda line: line == "PASSIVISOR-GUEST-READY", 90))
-            print(_wait_for_console(console, lambda line: line.startswith("PASSIVISOR-RNG"), 30),
+            print("  guest:", _wait_for_console(console, lambda line: line == "PASSIVISOR-GUEST-READY", 90))
+            print("  guest:", _wait_for_console(console, lambda line: line.startswith("PASSIVISOR-RNG"), 30),
                   "(virtio-rng, claim C13)")
         else:
-            print("(sim backend: no guest to watch)")
+            print("  (sim backend: no guest to watch)")
 
-        _step("ATTACH_VOLUME: a raw 16 MiB volume, hot-plugged as virtio-blk")
-        volume = uuid.uuid4()
-        with open(host.volume_dir / str(volume), "wb") as file:
+        _step("the volume-attacher hot-plugs a raw 16 MiB volume")
+        volume = str(uuid.uuid4())
+        with open(Path(dev["volume_dir"]) / volume, "wb") as file:
             file.truncate(16 << 20)
-        print(f"-> {_show(link.request(m.AttachVolume(iid, volume, m.VolumeSource.FILE, False)))}")
+        pvctl(directory, *dev_args, "attach", iid, volume)
         if guest:
-            print(_wait_for_console(console, lambda line: line.startswith("PASSIVISOR-DISKS")
-                                    and "vda" in _disks(line), 60), "(seen from inside the guest)")
+            print("  guest:", _wait_for_console(console, lambda line: line.startswith("PASSIVISOR-DISKS")
+                                                and "vda" in _disks(line), 60), "(seen from inside the guest)")
 
-        _step("ASSIGN_VF: this host has no SR-IOV hardware, so the agent refuses with a typed error")
-        answer = link.request(m.AssignVf(iid, m.PciAddress(0, 0x3b, 0, 0), b"\x02\x00\x00\x00\x00\x01", 0))
-        print(f"-> {_show(answer)}  (PF_NOT_FOUND: no such physical function here; state unchanged)")
+        _step("the network-manager asks for an SR-IOV VF: this host has none, a typed refusal")
+        pvctl(directory, *dev_args, "assign-vf", iid, "--pf", "0000:3b:00.0", "--mac", "02:00:00:00:00:01",
+              check=False)
 
-        _step("DETACH_VOLUME")
-        print(f"-> {_show(link.request(m.DetachVolume(iid, volume)))}")
+        _step("least privilege: the telemetry role may not stop instances")
+        pvctl(directory, *dev_args, "--role", "telemetry", "stop", iid, "--force", check=False)
+
+        _step("detach and stop")
+        pvctl(directory, *dev_args, "detach", iid, volume)
         if guest:
-            print(_wait_for_console(console, lambda line: line.startswith("PASSIVISOR-DISKS")
-                                    and "vda" not in _disks(line), 60), "(the disk is gone inside the guest)")
+            print("  guest:", _wait_for_console(console, lambda line: line.startswith("PASSIVISOR-DISKS")
+                                                and "vda" not in _disks(line), 60), "(the disk is gone)")
+        pvctl(directory, *dev_args, "stop", iid, "--timeout", "30")
 
-        _step("STOP_INSTANCE: ACPI power-down, then quit after the timeout")
-        print(f"-> {_show(link.request(m.StopInstance(iid, m.StopMode.GRACEFUL, 30)))}")
-        print(f"runtime directory scrubbed: {not console.parent.exists()}")
-
-        _step("pulled, never pushed: events and metrics")
-        events = link.request(m.GetEvents(0, 64))
-        assert isinstance(events, m.Events)
-        for event in events.events:
-            subject = event.instance_id or "host"
-            print(f"  event {event.cursor}: {event.kind.name} {subject} ({event.reason.name})")
-        metrics = link.request(m.GetMetrics())
-        assert isinstance(metrics, m.Metrics)
-        print("  " + ", ".join(f"{s.metric.name.lower()}={s.value}" for s in metrics.samples))
-        link.close()
+        _step("pulled, never pushed: events, and the audit log with its hash chain verified")
+        pvctl(directory, *dev_args, "events", "--max", "64")
+        pvctl(directory, *dev_args, "audit", "read", "--max", "1000")
+        pvctl(directory, *dev_args, "audit", "verify")
     finally:
-        _step("stopping the agent (SIGTERM: it detaches from running VMs, which keep running)")
-        print(f"passivisor-agent exited with {agenthost.stop(agent)}; its log is {host.log}")
+        _step("pvctl dev down")
+        pvctl(directory, "dev", "down", str(directory), check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _step("part 1: the wire codec")
     codec_demo.main()
-    _step("part 2: the passive host agent")
-    agent_scenario(args.backend, args.dir.absolute())
+    _step("part 2: the host, through pvctl")
+    scenario(args.backend, args.dir.absolute())
     print("\ndemo: done")
     return 0
 

@@ -186,5 +186,7 @@ def test_identity_metrics_events_and_the_audit_trail(host: Host) -> None:
     methods = {(r.method, r.decision) for r in records}
     assert ("ListInstances", pb.AUDIT_DECISION_DENIED) in methods or any(r.outcome == "PERMISSION_DENIED"
                                                                         for r in records)
-    assert any(r.outcome == "INVALID_ARGUMENT" for r in records)
+    assert any(r.outcome == "INVALID_ARGUMENT" and r.decision == pb.AUDIT_DECISION_INVALID for r in records)
+    assert records[0].kind == pb.AUDIT_RECORD_KIND_CHECKPOINT and len(records[0].checkpoint.signature) == 64
+    assert {r.kind for r in records} >= {pb.AUDIT_RECORD_KIND_CALL, pb.AUDIT_RECORD_KIND_OUTCOME}
     assert all(b"envelope" not in r.encoded for r in records)
