@@ -23,4 +23,5 @@ class Benchmark(NamedTuple):
 BENCHMARKS: dict[str, Benchmark] = {
     "wire": Benchmark("bench.wire", "agent-channel codec: decode/encode of every message vs hand-written struct code"),
     "agent": Benchmark("bench.agent", "authenticated PING through the agent vs a raw Unix-socket echo; start-to-ready"),
+    "controller": Benchmark("bench.controller", "audited Describe vs bare mTLS call; Start/Stop ops/s, fsync on/off"),
 }

@@ -384,7 +384,13 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def _record(self, principal: str | None, method: str, params: dict[str, str], decision: Decision,
                 outcome: Outcome) -> None:
-        self.audit.append(audit_principal(principal), audit_method(method), params, decision, outcome)
+        """Append a read-only call or a refusal to the chain without waiting for its fsync.
+
+        Only a mutating call's intent must be durable before it runs (``_mutate``
+        uses ``begin``/``finish``); these records ride on the next group commit,
+        so a flood of reads or refusals cannot force an fsync per call.
+        """
+        self.audit.append(audit_principal(principal), audit_method(method), params, decision, outcome, wait=False)
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, exc: ControllerError) -> NoReturn:
