@@ -143,8 +143,10 @@ class Session:
     """An established channel: seals outgoing messages, opens incoming frames."""
 
     def __init__(self, send_key: bytes, receive_key: bytes, receive_direction: m.Direction) -> None:
-        self._send_key = send_key
-        self._receive_key = receive_key
+        # One keyed HMAC per direction, copied for each frame: keying costs
+        # more than hashing a small frame, and a copy carries the key state.
+        self._send_mac = hmac.HMAC(send_key, hashes.SHA256())
+        self._receive_mac = hmac.HMAC(receive_key, hashes.SHA256())
         self.receive_direction = receive_direction
         self.send_direction = (m.Direction.TO_AGENT if receive_direction is m.Direction.TO_CONTROLLER
                                else m.Direction.TO_CONTROLLER)
@@ -160,7 +162,9 @@ class Session:
             raise ChannelError(ChannelFailure.UNEXPECTED_MESSAGE, f"this end does not send {frame.type.name}")
         region = wire.signed_region(frame)
         self._next_send += 1
-        return region + _mac(self._send_key, region).finalize()
+        mac = self._send_mac.copy()
+        mac.update(region)
+        return region + mac.finalize()
 
     def open(self, frame: wire.Frame) -> m.Message:
         """Check the MAC and sequence number of a decoded frame; return its message."""
@@ -172,7 +176,9 @@ class Session:
                 raise ChannelError(ChannelFailure.UNEXPECTED_MESSAGE, f"{frame.type.name} sent the wrong way")
             try:
                 region = frame.signed if frame.signed is not None else wire.signed_region(frame)
-                _mac(self._receive_key, region).verify(frame.mac)
+                mac = self._receive_mac.copy()
+                mac.update(region)
+                mac.verify(frame.mac)
             except InvalidSignature:
                 raise ChannelError(ChannelFailure.AUTHENTICATION_FAILED, "frame MAC") from None
             if frame.seq != self._next_receive:

@@ -34,7 +34,6 @@ import os
 import select
 import socket
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ log = logging.getLogger("passivisor.agent.server")
 
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(m.MAX_FDS * _FD_SIZE)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag's & costs a microsecond per frame
 
 
 class SessionClosed(Exception):
@@ -80,31 +80,40 @@ def _close_all(fds: Sequence[int]) -> None:
 
 
 class FrameChannel:
-    """Frame-aligned reads and writes on one non-blocking Unix stream socket."""
+    """Frame-aligned reads and writes on one non-blocking Unix stream socket.
+
+    Nearly every frame is waited for, so waiting is kept cheap: the socket
+    stays registered with the loop between frames (no epoll_ctl per wait),
+    and one timer serves every deadline.  Invariants:
+
+    - the loop calls ``_on_readable`` only while the socket is registered;
+      if that happens while nobody waits (the peer wrote while a command
+      ran), the socket is unregistered at once, so a peer cannot make the
+      level-triggered loop spin;
+    - ``_timer`` fires at or before ``_deadline``; when it fires early it is
+      re-armed, so a wait never outlives its deadline and the common case
+      (the idle deadline moving later with each frame) touches no timer;
+    - :meth:`close` unregisters the socket before closing it, so a later
+      connection that gets the same descriptor number starts clean.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = wire.FrameDecoder(wire.Direction.TO_AGENT)
         self._loop = asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0  # loop time at which the current wait fails
+        self._timer: asyncio.TimerHandle | None = None
 
     async def read_frame(self, idle_timeout: float, frame_timeout: float) -> tuple[wire.Frame, list[int]]:
         fds: list[int] = []
-        deadline: float | None = None
+        deadline: float | None = None  # set when the first byte of the frame arrives
         try:
-            while True:
-                frame = self.decoder.next_frame()
-                if frame is not None:
-                    if len(fds) != frame.fd_count:
-                        raise wire.FrameError(wire.FrameErrorKind.FD_COUNT_MISMATCH,
-                                              f"{frame.type.name} declares {frame.fd_count} descriptors, "
-                                              f"{len(fds)} arrived")
-                    return frame, fds
-                if deadline is None:
-                    timeout = idle_timeout
-                else:
-                    timeout = max(0.0, deadline - time.monotonic())
+            while (frame := self.decoder.next_frame()) is None:
                 try:
-                    data = await self._receive(self.decoder.bytes_needed(), fds, timeout)
+                    data = await self._receive(self.decoder.bytes_needed(), fds,
+                                               self._loop.time() + idle_timeout if deadline is None else deadline)
                 except TimeoutError:
                     if deadline is None:
                         raise SessionClosed(m.EventReason.IDLE_TIMEOUT, "idle timeout") from None
@@ -113,53 +122,78 @@ class FrameChannel:
                     raise SessionClosed(m.EventReason.NONE,
                                         "peer closed" if deadline is None else "peer closed in mid-frame")
                 if deadline is None:
-                    deadline = time.monotonic() + frame_timeout
+                    deadline = self._loop.time() + frame_timeout
                 self.decoder.feed(data)
+            if len(fds) != frame.fd_count:
+                raise wire.FrameError(wire.FrameErrorKind.FD_COUNT_MISMATCH,
+                                      f"{frame.type.name} declares {frame.fd_count} descriptors, "
+                                      f"{len(fds)} arrived")
+            return frame, fds
         except BaseException:
             _close_all(fds)
             raise
 
-    async def _receive(self, size: int, fds: list[int], timeout: float) -> bytes:
-        """One recvmsg of at most ``size`` bytes; waits (at most ``timeout``) only if nothing is there yet."""
-        deadline = time.monotonic() + timeout
+    async def _receive(self, size: int, fds: list[int], deadline: float) -> bytes:
+        """One recvmsg of at most ``size`` bytes; waits (until ``deadline``) only if nothing is there yet."""
         while True:
             try:
                 data, ancillary, flags, _ = self.sock.recvmsg(size, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
-                await self._readable(deadline - time.monotonic())
+                await self._readable(deadline)
                 continue
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     received = array.array("i")
                     received.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
                     fds.extend(received)
-            if flags & socket.MSG_CTRUNC or len(fds) > m.MAX_FDS:
+            if flags & _MSG_CTRUNC or len(fds) > m.MAX_FDS:
                 raise wire.FrameError(wire.FrameErrorKind.FD_COUNT_MISMATCH, "too many descriptors")
             return data
 
-    async def _readable(self, timeout: float) -> None:
-        """Wait until the socket is readable; TimeoutError after ``timeout``.
+    async def _readable(self, deadline: float) -> None:
+        """Wait until the socket is readable; TimeoutError at ``deadline`` (loop time).
 
-        A bare future with a timer, not ``asyncio.wait_for``: that would create
-        a task and cost an extra turn of the event loop on every read.
+        A bare future, not ``asyncio.wait_for``: that would create a task and
+        cost an extra turn of the event loop on every read.
         """
-        ready: asyncio.Future[None] = self._loop.create_future()
-
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        def expire() -> None:
-            if not ready.done():
-                ready.set_exception(TimeoutError())
-
-        self._loop.add_reader(self.sock.fileno(), wake)
-        timer = self._loop.call_later(max(0.0, timeout), expire)
+        # Registering again when registered makes no system call; it replaces
+        # the callback and cancels a call the loop queued before the last read
+        # (a stale "readable" that would wake this wait for nothing).
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._deadline = deadline
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._waiter = self._loop.create_future()
         try:
-            await ready
+            await self._waiter
         finally:
-            timer.cancel()
-            self._loop.remove_reader(self.sock.fileno())
+            self._waiter = None
+
+    def _on_readable(self) -> None:
+        if self._waiter is None:
+            # Nobody reads now (a command is running): stop watching until the
+            # next wait, or the level-triggered loop would call this every turn.
+            self._loop.remove_reader(self._fd)
+        elif not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._waiter is None or self._waiter.done():
+            return  # the next wait arms a new timer
+        if self._loop.time() >= self._deadline:
+            self._waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)  # a no-op if it is not registered
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.sock.close()
 
     async def send(self, data: bytes, timeout: float) -> None:
         """Write one frame; a peer that stops reading is cut off after ``timeout``."""
@@ -299,7 +333,7 @@ class AgentServer:
             if self._stopped.is_set():
                 raise
         finally:
-            conn.close()
+            channel.close()
             self._busy = False
             if self._current is not None and self._current[1] is conn:
                 self._current = None

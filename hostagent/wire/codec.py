@@ -35,6 +35,10 @@ from .fields import Record, Reject
 from .messages import Header
 from .schema import HEADER, MESSAGES, SPEC_BY_CLASS, MessageSpec
 
+_MAC_BIT = int(m.Flags.MAC)
+_HEADER_FLAGS = {True: m.Flags.MAC, False: m.Flags(0)}  # by MessageSpec.authenticated
+_TYPE_NAMES = {member: member.name for member in m.MessageType}  # Enum.name is a slow property
+
 # Exceptions construct can raise or leak; turned into FrameError here and only here.
 _LEAKS = (c.ConstructError, IndexError, KeyError, struct.error, UnicodeDecodeError, ValueError, OverflowError)
 
@@ -53,8 +57,10 @@ def _parse_exact(record: Record, data: bytes, where: str) -> Any:
 
 
 def _build(record: Record, value: Any, where: str) -> bytes:
-    stream = io.BytesIO()
     try:
+        if record.fixed is not None:
+            return record.pack(value)
+        stream = io.BytesIO()
         record._build(value, stream, None, where)
     except _LEAKS as exc:
         raise _translate(exc, f"encoding {where}") from exc
@@ -111,7 +117,8 @@ def decode_header(data: bytes, direction: m.Direction | None = None) -> Header:
         raise FrameError(FrameErrorKind.TRUNCATED, f"header needs {m.HEADER_SIZE} bytes, got {len(data)}")
     header: Header = _parse_exact(HEADER, data[: m.HEADER_SIZE], "header")
     spec = MESSAGES[header.type]
-    if bool(header.flags & m.Flags.MAC) != spec.authenticated:
+    # Plain int arithmetic: IntFlag operators cost more than the rest of this check.
+    if (int(header.flags) & _MAC_BIT != 0) != spec.authenticated:
         raise FrameError(FrameErrorKind.BAD_FLAGS,
                          f"{spec.type.name} {'requires' if spec.authenticated else 'forbids'} the MAC flag")
     if direction is not None and spec.direction is not direction:
@@ -127,14 +134,22 @@ def decode(data: bytes, direction: m.Direction | None = None) -> Frame:
     """
     if len(data) > m.MAX_FRAME:
         raise FrameError(FrameErrorKind.OVERSIZED, f"{len(data)} bytes > MAX_FRAME {m.MAX_FRAME}")
-    header = decode_header(data, direction)
+    return decode_after_header(data, decode_header(data, direction))
+
+
+def decode_after_header(data: bytes, header: Header) -> Frame:
+    """The rest of :func:`decode`, for a ``header`` that :func:`decode_header` returned for ``data``.
+
+    The streaming decoder checked the header as soon as it arrived; this
+    spares it a second parse.  Every check after the header is here.
+    """
     if len(data) < header.frame_size:
         raise FrameError(FrameErrorKind.TRUNCATED, f"frame needs {header.frame_size} bytes, got {len(data)}")
     if len(data) > header.frame_size:
         raise FrameError(FrameErrorKind.TRAILING_BYTES, f"{len(data) - header.frame_size} bytes after the frame")
     spec = MESSAGES[header.type]
     end = m.HEADER_SIZE + header.length
-    message = _parse_exact(spec.payload, data[m.HEADER_SIZE:end], header.type.name)
+    message = _parse_exact(spec.payload, data[m.HEADER_SIZE:end], _TYPE_NAMES[header.type])
     required = spec.fd_count(message)
     if header.fd_count != required:
         raise FrameError(FrameErrorKind.FD_COUNT_MISMATCH,
@@ -151,15 +166,14 @@ def signed_region(frame: Frame) -> bytes:
     is about to send.  Raises :class:`FrameError` on any invalid value.
     """
     spec = frame.spec
-    payload = _build(spec.payload, frame.message, spec.type.name)
-    header = Header(
-        type=spec.type,
-        flags=m.Flags.MAC if spec.authenticated else m.Flags(0),
-        seq=frame.seq,
-        fd_count=spec.fd_count(frame.message),
-        length=len(payload),
-    )
-    return _build(HEADER, header, "header") + payload
+    payload = _build(spec.payload, frame.message, _TYPE_NAMES[spec.type])
+    try:
+        # The stored fields of Header, in its order; no Header object is made.
+        header = HEADER.pack_values(spec.type, _HEADER_FLAGS[spec.authenticated], frame.seq,
+                                    spec.fd_count(frame.message), len(payload))
+    except _LEAKS as exc:
+        raise _translate(exc, "encoding header") from exc
+    return header + payload
 
 
 def encode(frame: Frame) -> bytes:

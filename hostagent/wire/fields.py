@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import struct
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import fields as dataclass_fields
@@ -42,7 +43,14 @@ class Reject(c.ValidationError):  # type: ignore[misc]
 
 
 class Field(c.Construct):  # type: ignore[misc]
-    """A fixed-size leaf: subclasses define ``size``, ``check`` and the conversions."""
+    """A fixed-size leaf: subclasses define ``size`` and the conversions, each with its check.
+
+    A fixed-size :class:`Record` unpacks all its leaves with one ``struct``
+    format; ``struct_code`` is this leaf's part of it.  A byte-string leaf
+    unpacks to its raw bytes, checked by ``from_wire`` as from a stream, and
+    packs with ``to_packed`` (``to_wire`` plus a size check); an
+    :class:`IntField` unpacks to a number, checked by ``from_unpacked``.
+    """
 
     size = 0
 
@@ -54,6 +62,16 @@ class Field(c.Construct):  # type: ignore[misc]
 
     def to_wire(self, value: Any) -> bytes:
         raise NotImplementedError
+
+    def struct_code(self) -> str:
+        return f"{self.size}s"
+
+    def to_packed(self, value: Any) -> Any:
+        raw = self.to_wire(value)
+        if len(raw) != self.size:
+            # struct would pad or cut a byte string of the wrong size silently.
+            raise Reject(FrameErrorKind.MALFORMED, f"{type(self).__name__} produced {len(raw)} bytes, not {self.size}")
+        return raw
 
     def _parse(self, stream: Any, context: Any, path: str) -> Any:
         return self.from_wire(c.stream_read(stream, self.size, path))
@@ -69,30 +87,61 @@ class Field(c.Construct):  # type: ignore[misc]
         return ""
 
 
-class UInt(Field):
+_INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+class IntField(Field):
+    """A big-endian unsigned integer of 1, 2, 4 or 8 bytes whose rule is stated on its value.
+
+    Subclasses define ``from_unpacked`` (number to value, with the check) and
+    ``to_packed`` (value to number, with the same check); the byte
+    conversions follow from those, so both paths apply one rule.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        if width not in _INT_CODES:
+            raise ValueError(f"integer fields are 1, 2, 4 or 8 bytes wide, not {width}")
+        self.size = width
+
+    def struct_code(self) -> str:
+        return _INT_CODES[self.size]
+
+    def from_unpacked(self, value: int) -> Any:
+        raise NotImplementedError
+
+    def to_packed(self, value: Any) -> int:
+        raise NotImplementedError
+
+    def from_wire(self, raw: bytes) -> Any:
+        return self.from_unpacked(int.from_bytes(raw, "big"))
+
+    def to_wire(self, value: Any) -> bytes:
+        return self.to_packed(value).to_bytes(self.size, "big")
+
+
+class UInt(IntField):
     """Unsigned big-endian integer with an inclusive range."""
 
     def __init__(self, width: int, lo: int = 0, hi: int | None = None,
                  kind: FrameErrorKind = FrameErrorKind.OUT_OF_RANGE) -> None:
-        super().__init__()
-        self.size = width
+        super().__init__(width)
         self.full = (1 << (8 * width)) - 1
         self.lo = lo
         self.hi = self.full if hi is None else hi
         self.kind = kind
 
-    def from_wire(self, raw: bytes) -> int:
-        value = int.from_bytes(raw, "big")
+    def from_unpacked(self, value: int) -> int:
         if not self.lo <= value <= self.hi:
             raise Reject(self.kind, f"{value} not in [{self.lo}, {self.hi}]")
         return value
 
-    def to_wire(self, value: Any) -> bytes:
+    def to_packed(self, value: Any) -> int:
         if type(value) is not int:
             raise Reject(self.kind, f"expected int, got {type(value).__name__}")
         if not self.lo <= value <= self.hi:
             raise Reject(self.kind, f"{value} not in [{self.lo}, {self.hi}]")
-        return value.to_bytes(self.size, "big")
+        return value
 
     def wire_type(self) -> str:
         return f"u{8 * self.size}"
@@ -101,27 +150,26 @@ class UInt(Field):
         return "" if (self.lo, self.hi) == (0, self.full) else f"{self.lo}..{self.hi}"
 
 
-class StrictEnum(Field):
+class StrictEnum(IntField):
     """Closed enum: unknown values are rejected both ways (no default branch)."""
 
     def __init__(self, width: int, enum_type: type[enum.IntEnum],
                  kind: FrameErrorKind = FrameErrorKind.UNKNOWN_ENUM) -> None:
-        super().__init__()
-        self.size = width
+        super().__init__(width)
         self.enum_type = enum_type
         self.members: dict[int, enum.IntEnum] = {int(m): m for m in enum_type}
         self.kind = kind
 
-    def from_wire(self, raw: bytes) -> enum.IntEnum:
-        member = self.members.get(int.from_bytes(raw, "big"))
+    def from_unpacked(self, value: int) -> enum.IntEnum:
+        member = self.members.get(value)
         if member is None:
-            raise Reject(self.kind, f"{int.from_bytes(raw, 'big'):#x} is not a {self.enum_type.__name__}")
+            raise Reject(self.kind, f"{value:#x} is not a {self.enum_type.__name__}")
         return member
 
-    def to_wire(self, value: Any) -> bytes:
+    def to_packed(self, value: Any) -> int:
         if not isinstance(value, self.enum_type):
             raise Reject(self.kind, f"expected {self.enum_type.__name__}, got {value!r}")
-        return int(value).to_bytes(self.size, "big")
+        return int(value)
 
     def wire_type(self) -> str:
         return f"u{8 * self.size} enum {self.enum_type.__name__}"
@@ -130,27 +178,33 @@ class StrictEnum(Field):
         return ", ".join(f"{m.name}={int(m)}" for m in self.enum_type)
 
 
-class StrictFlags(Field):
+class StrictFlags(IntField):
     """Bit field where every undefined bit must be zero."""
 
     def __init__(self, width: int, flag_type: type[enum.IntFlag]) -> None:
-        super().__init__()
-        self.size = width
+        super().__init__(width)
         self.flag_type = flag_type
         self.defined = 0
         for member in flag_type:
             self.defined |= int(member)
+        # Every value with no undefined bit, made once: building an IntFlag
+        # costs more than the rest of a header check.
+        self.members: dict[int, enum.IntFlag] = {}
+        for count in range(len(flag_type) + 1):
+            for chosen in itertools.combinations(flag_type, count):
+                value = sum(int(member) for member in chosen)
+                self.members[value] = flag_type(value)
 
-    def from_wire(self, raw: bytes) -> enum.IntFlag:
-        value = int.from_bytes(raw, "big")
-        if value & ~self.defined:
+    def from_unpacked(self, value: int) -> enum.IntFlag:
+        member = self.members.get(value)
+        if member is None:
             raise Reject(FrameErrorKind.UNDEFINED_FLAGS, f"undefined bits {value & ~self.defined:#x}")
-        return self.flag_type(value)
+        return member
 
-    def to_wire(self, value: Any) -> bytes:
+    def to_packed(self, value: Any) -> int:
         if not isinstance(value, self.flag_type) or int(value) & ~self.defined:
             raise Reject(FrameErrorKind.UNDEFINED_FLAGS, f"invalid flags {value!r}")
-        return int(value).to_bytes(self.size, "big")
+        return int(value)
 
     def wire_type(self) -> str:
         return f"u{8 * self.size} flags {self.flag_type.__name__}"
@@ -160,20 +214,21 @@ class StrictFlags(Field):
         return f"{names}; other bits 0"
 
 
-class Bool(Field):
+class Bool(IntField):
     """One byte, exactly 0 or 1 (construct's Flag reads any non-zero byte as true)."""
 
-    size = 1
+    def __init__(self) -> None:
+        super().__init__(1)
 
-    def from_wire(self, raw: bytes) -> bool:
-        if raw[0] > 1:
-            raise Reject(FrameErrorKind.NON_CANONICAL, f"boolean byte {raw[0]:#x}")
-        return raw[0] == 1
+    def from_unpacked(self, value: int) -> bool:
+        if value > 1:
+            raise Reject(FrameErrorKind.NON_CANONICAL, f"boolean byte {value:#x}")
+        return value == 1
 
-    def to_wire(self, value: Any) -> bytes:
+    def to_packed(self, value: Any) -> int:
         if type(value) is not bool:
             raise Reject(FrameErrorKind.NON_CANONICAL, f"expected bool, got {value!r}")
-        return b"\x01" if value else b"\x00"
+        return int(value)
 
     def wire_type(self) -> str:
         return "u8 bool"
@@ -324,16 +379,18 @@ class Record(c.Construct):  # type: ignore[misc]
         self.rules = tuple(rules)
         self.stored_indices = tuple(index for index, member in enumerate(members) if member.stored)
         # Fast path for records made only of fixed-size fields (the header and
-        # most payloads): one read of the whole record, then each field checks
-        # its own slice, in order.  Same rules, same order, fewer calls.
-        self.fixed: tuple[tuple[Field, int, int, bool], ...] | None = None
+        # most payloads): one struct unpacks the whole record, then each field
+        # checks its own value, in order.  Same rules, same order, fewer calls.
+        # ``_leaves`` holds each field with its name (None for a constant),
+        # the constant's packed bytes (the same whatever the value, so made
+        # once) and whether it unpacks to a number.
+        self.fixed: struct.Struct | None = None
+        self._leaves: tuple[tuple[Field, str | None, Any, bool], ...] = ()
         if all(isinstance(f.subcon, Field) for f in members):
-            layout, offset = [], 0
-            for f in members:
-                layout.append((f.subcon, offset, offset + f.subcon.size, f.stored))
-                offset += f.subcon.size
-            self.fixed = tuple(layout)
-            self.fixed_size = offset
+            self.fixed = struct.Struct(">" + "".join(f.subcon.struct_code() for f in members))
+            self._leaves = tuple((f.subcon, f.name if f.stored else None,
+                                  None if f.stored else f.subcon.to_packed(None), isinstance(f.subcon, IntField))
+                                 for f in members)
 
     def check_rules(self, obj: Any) -> Any:
         for description, predicate in self.rules:
@@ -341,29 +398,61 @@ class Record(c.Construct):  # type: ignore[misc]
                 raise Reject(FrameErrorKind.CROSS_FIELD, f"{self.cls.__name__}: {description}")
         return obj
 
+    def pack(self, obj: Any) -> bytes:
+        """Encode a fixed-size record."""
+        assert self.fixed is not None
+        self._check_type(obj)
+        # Fields first, so that every value has passed its own type and range
+        # check before a cross-field rule looks at it (a rule must never see a
+        # wrongly typed value and leak a TypeError).
+        raw: bytes = self.fixed.pack(*[constant if name is None else field_.to_packed(getattr(obj, name))
+                                       for field_, name, constant, _ in self._leaves])
+        if self.rules:
+            self.check_rules(obj)
+        return raw
+
+    def pack_values(self, *values: Any) -> bytes:
+        """Encode a fixed-size record that has no cross-field rules from its stored values, in order.
+
+        For the frame header, encoded for every frame: no dataclass instance needed.
+        """
+        assert self.fixed is not None
+        if self.rules or len(values) != len(self.names):
+            raise TypeError(f"{self.cls.__name__}: pack_values takes the {len(self.names)} stored values "
+                            "of a record without cross-field rules")
+        stored = iter(values)
+        raw: bytes = self.fixed.pack(*[constant if name is None else field_.to_packed(next(stored))
+                                       for field_, name, constant, _ in self._leaves])
+        return raw
+
+    def _check_type(self, obj: Any) -> None:
+        if type(obj) is not self.cls:
+            raise Reject(FrameErrorKind.MALFORMED, f"expected {self.cls.__name__}, got {type(obj).__name__}")
+
     def _parse(self, stream: Any, context: Any, path: str) -> Any:
         if self.fixed is not None:
-            raw = c.stream_read(stream, self.fixed_size, path)
-            parsed = [field_.from_wire(raw[start:end]) for field_, start, end, _ in self.fixed]
-        else:
-            parsed = [member.subcon._parse(stream, context, path) for member in self.members]
+            raw = c.stream_read(stream, self.fixed.size, path)
+            values = []
+            # One unpacked value per leaf, by construction of the format.  The
+            # header has constants and stored fields, so both ways are taken.
+            for (field_, name, _, number), value in zip(self._leaves, self.fixed.unpack(raw), strict=False):
+                value = field_.from_unpacked(value) if number else field_.from_wire(value)
+                if name is not None:
+                    values.append(value)
+            obj = self.cls(*values)
+            return self.check_rules(obj) if self.rules else obj
+        parsed = [member.subcon._parse(stream, context, path) for member in self.members]
         # Constants are checked by their own parse and then dropped: keep the stored fields only.
         return self.check_rules(self.cls(*[parsed[index] for index in self.stored_indices]))
 
     def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
-        if type(obj) is not self.cls:
-            raise Reject(FrameErrorKind.MALFORMED, f"expected {self.cls.__name__}, got {type(obj).__name__}")
-        # Fields first, so that every value has passed its own type and range
-        # check before a cross-field rule looks at it (a rule must never see a
-        # wrongly typed value and leak a TypeError).
         if self.fixed is not None:
-            raw = b"".join(field_.to_wire(getattr(obj, member.name) if stored else None)
-                           for (field_, _, _, stored), member in zip(self.fixed, self.members, strict=True))
-            c.stream_write(stream, raw, self.fixed_size, path)
-        else:
-            for member in self.members:
-                value = getattr(obj, member.name) if member.stored else None
-                member.subcon._build(value, stream, context, path)
+            c.stream_write(stream, self.pack(obj), self.fixed.size, path)
+            return obj
+        self._check_type(obj)
+        for member in self.members:  # fields first, then the rules (see pack)
+            value = getattr(obj, member.name) if member.stored else None
+            member.subcon._build(value, stream, context, path)
         self.check_rules(obj)
         return obj
 

@@ -3,8 +3,9 @@
 Theory of operation.  The decoder owns one buffer.  As soon as HEADER_SIZE
 bytes are present the header is checked (so a bad magic or an oversized
 length is refused without waiting for, or buffering, the rest), which fixes
-the size of the frame; once that many bytes are present the frame is decoded
-with :func:`~hostagent.wire.codec.decode` and removed from the buffer.
+the size of the frame; once that many bytes are present the rest of the frame
+is decoded (:func:`~hostagent.wire.codec.decode_after_header`, the same checks
+as ``decode`` without parsing the header twice) and removed from the buffer.
 
 Invariants:
 - the buffer never holds more than ``max_buffer`` bytes (``feed`` refuses);
@@ -23,7 +24,12 @@ from __future__ import annotations
 from typing import NoReturn
 
 from . import messages as m
-from .codec import Frame, decode, decode_header
+from .codec import (
+    Frame,
+    decode,  # noqa: F401 - not called here, but fuzz/fuzz_stream.py swaps this module's decode and decode_header
+    decode_after_header,
+    decode_header,
+)
 from .errors import FrameError, FrameErrorKind
 from .messages import Header
 
@@ -78,7 +84,8 @@ class FrameDecoder:
         if len(self._buffer) < size:
             return None
         try:
-            frame = decode(bytes(self._buffer[:size]), self._direction)
+            # The header was checked on arrival: decode only what follows it.
+            frame = decode_after_header(bytes(self._buffer[:size]), self._header)
         except FrameError as exc:
             self._poison(exc)
         del self._buffer[:size]

@@ -407,10 +407,11 @@ def test_leaked_exceptions_become_malformed_when_encoding(leak: Exception, monke
 
 
 def test_leaked_exception_in_the_header_is_translated_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    def leaky(self: Any, raw: bytes) -> Any:
-        raise KeyError(raw)
+    def leaky(self: Any, value: int) -> Any:
+        raise KeyError(value)
 
-    monkeypatch.setattr(fields.StrictFlags, "from_wire", leaky)
+    # The header is a fixed-size record: its integer fields check unpacked numbers.
+    monkeypatch.setattr(fields.StrictFlags, "from_unpacked", leaky)
     error = decode_error(encode(example_frame(MessageType.PING)))
     assert (error.kind, error.detail) == (K.MALFORMED, "header: KeyError")
 
@@ -432,3 +433,77 @@ def test_reject_keeps_its_kind_and_names_the_region() -> None:
     error = decode_error(with_payload(MessageType.ASSIGN_VF, payload))
     assert error.kind is K.INVALID_IDENTIFIER
     assert error.detail == "ASSIGN_VF: MAC is zero or multicast"
+
+
+# --- fields.py: the one-struct path of fixed-size records ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tagged:
+    items: tuple[int, ...]
+
+
+# A constant in a record of variable size: parsed field by field from the stream.
+_TAGGED = fields.Record(
+    _Tagged,
+    fields.field("tag", fields.Constant(b"T", K.BAD_MAGIC), "tag"),
+    fields.field("items", fields.BoundedList(fields.UInt(1), 3), "items"),
+)
+
+
+def test_a_variable_size_record_checks_its_constants_and_stores_the_rest() -> None:
+    assert _TAGGED.fixed is None
+    assert _TAGGED.parse(b"T\x02\x07\x09") == _Tagged((7, 9))
+    assert _TAGGED.build(_Tagged((7, 9))) == b"T\x02\x07\x09"
+    with pytest.raises(fields.Reject) as info:
+        _TAGGED.parse(b"X\x00")
+    assert info.value.kind is K.BAD_MAGIC
+
+
+def test_the_integer_field_base_has_no_rule() -> None:
+    base = fields.IntField(2)
+    assert base.struct_code() == "H"
+    with pytest.raises(NotImplementedError):
+        base.from_wire(b"\x00\x01")
+    with pytest.raises(NotImplementedError):
+        base.to_wire(1)
+
+
+@pytest.mark.parametrize("width", [0, 3, 5, 16])
+def test_integer_fields_are_one_two_four_or_eight_bytes(width: int) -> None:
+    """Each fixed-size record unpacks its integers with one struct format, which has no other widths."""
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        fields.UInt(width)
+
+
+def test_a_byte_field_of_the_wrong_size_is_refused_not_padded() -> None:
+    """struct pads or cuts an "Ns" value silently; the record refuses it instead."""
+
+    class Short(fields.FixedBytes):
+        def to_wire(self, value: Any) -> bytes:
+            return b"\x00"
+
+    @dataclasses.dataclass(frozen=True)
+    class Blob:
+        data: bytes
+
+    record = fields.Record(Blob, fields.field("data", Short(4), "data"))
+    with pytest.raises(fields.Reject) as info:
+        record.build(Blob(bytes(4)))
+    assert info.value.kind is K.MALFORMED
+
+
+def test_pack_values_is_the_header_encoding_without_a_header_object() -> None:
+    header = m.Header(MessageType.PING, m.Flags.MAC, 7, 0, 8)
+    from hostagent.wire.schema import HEADER, PCI_ADDRESS
+
+    assert HEADER.pack_values(MessageType.PING, m.Flags.MAC, 7, 0, 8) == HEADER.build(header)
+    with pytest.raises(fields.Reject) as info:
+        HEADER.pack_values(MessageType.PING, m.Flags.MAC, 7, 0, m.MAX_PAYLOAD + 1)
+    assert info.value.kind is K.OVERSIZED
+    with pytest.raises(TypeError, match="5 stored values"):
+        HEADER.pack_values(MessageType.PING, m.Flags.MAC, 7, 0)
+    stop = MESSAGES[MessageType.STOP_INSTANCE].payload
+    with pytest.raises(TypeError, match="cross-field rules"):
+        stop.pack_values(ID_A, m.StopMode.FORCE, 0)
+    assert PCI_ADDRESS.pack_values(0, 1, 2, 3) == b"\x00\x00\x01\x02\x03"
