@@ -10,7 +10,9 @@ anomaly: the link is closed and :class:`AgentLinkError` raised with
 ``anomaly=True`` so the caller can raise an alarm and refuse mutating calls
 until a clean handshake succeeds again.
 
-Blocking I/O with timeouts; one request at a time (callers serialise).
+Blocking I/O; a request's ``timeout`` (set per call by the caller, from the
+gRPC deadline) bounds the whole send-and-answer exchange.  One request at a
+time (callers serialise).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import array
 import contextlib
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,9 +96,12 @@ class AgentLink:
         expected = ANSWERS.get(type(message))
         if expected is None:
             raise ValueError(f"{type(message).__name__} is not a command")
+        # The caller's deadline bounds the whole exchange, not each system call.
+        deadline = time.monotonic() + self.timeout
         try:
+            self._sock.settimeout(self.timeout)
             self._send(self._session.seal(message), fds)
-            answer = self._session.open(self._read_frame())
+            answer = self._session.open(self._read_frame(deadline))
         except ChannelError as exc:
             self.close()
             raise AgentLinkError(f"agent answer refused: {exc.failure.value}", anomaly=True) from None
@@ -127,10 +133,15 @@ class AgentLink:
         except OSError as exc:
             raise AgentLinkError(f"agent link broken while sending: {exc.strerror or exc}") from None
 
-    def _read_frame(self) -> wire.Frame:
+    def _read_frame(self, deadline: float | None = None) -> wire.Frame:
         assert self._sock is not None
         try:
             while (frame := self._decoder.next_frame()) is None:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    self._sock.settimeout(remaining)
                 # The agent answers one frame per request and never passes
                 # descriptors back, so reading ahead of the frame is safe here.
                 data = self._sock.recv(max(self._decoder.bytes_needed(), 4096))
