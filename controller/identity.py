@@ -59,6 +59,7 @@ __all__ = [
     "fingerprint_of",
     "load_or_create",
     "read_private_file",
+    "signed_message",
     "verify_signature",
 ]
 
@@ -86,7 +87,8 @@ def fingerprint_of(public_bytes: bytes) -> str:
     return hashlib.sha256(public_bytes).hexdigest()
 
 
-def _signed_message(purpose: str, message: bytes) -> bytes:
+def signed_message(purpose: str, message: bytes) -> bytes:
+    """The exact bytes an Ed25519 signature for ``purpose`` covers (what :meth:`HostIdentity.sign` signs)."""
     # The purpose is length-prefixed so that no (purpose, message) pair can collide with another.
     encoded = purpose.encode("ascii")
     if not encoded or len(encoded) > 255 or not encoded.replace(b"-", b"").isalnum():
@@ -103,7 +105,7 @@ def verify_signature(signing_public_bytes: bytes, signature: bytes, message: byt
     if type(signing_public_bytes) is not bytes or len(signing_public_bytes) != KEY_SIZE:
         raise ValueError(f"an Ed25519 public key is {KEY_SIZE} raw bytes")
     public_key = Ed25519PublicKey.from_public_bytes(signing_public_bytes)
-    public_key.verify(signature, _signed_message(purpose, message))
+    public_key.verify(signature, signed_message(purpose, message))
 
 
 class HostIdentity:
@@ -162,7 +164,7 @@ class HostIdentity:
 
     def sign(self, message: bytes, *, purpose: str) -> bytes:
         """Sign ``message`` for ``purpose`` (for example :data:`AUDIT_CHECKPOINT`) with the Ed25519 key."""
-        return self._signing_key.sign(_signed_message(purpose, message))
+        return self._signing_key.sign(signed_message(purpose, message))
 
     def __repr__(self) -> str:
         return f"HostIdentity(fingerprint={self.fingerprint!r}, signing_fingerprint={self.signing_fingerprint!r})"

@@ -25,7 +25,7 @@ from hostagent.config import ConfigError
 from . import identity
 from . import policy as pol
 from .app import AgentConnection
-from .audit import CONTROLLER_PRINCIPAL, AuditLog, AuditLogError, Decision, Outcome, load_or_create_signing_key
+from .audit import CONTROLLER_PRINCIPAL, AuditLog, AuditLogError, CheckpointSigner, Decision, Outcome
 from .config import ControllerConfig
 from .config import load as load_config
 from .grpc_service import HostControllerHandler, HostKeys, build_server
@@ -46,7 +46,7 @@ def build(config: ControllerConfig) -> tuple[object, int, list[object]]:
     try:
         secret = load_secret(config.channel_secret_file)
         host = identity.load_or_create(config.state_dir / "host.x25519")
-        signer = load_or_create_signing_key(config.state_dir / "audit-signing.key")
+        signer = CheckpointSigner.for_host(host)  # the host identity's Ed25519 key signs the audit checkpoints
         (config.state_dir / "audit").mkdir(mode=0o700, exist_ok=True)
         audit = AuditLog(config.state_dir / "audit", signer)
         tokens = IdempotencyStore(config.state_dir)

@@ -29,7 +29,7 @@ from .chain import (
     verify,
     verify_lines,
 )
-from .checkpoint import CheckpointPolicy, CheckpointSigner, SigningKeyError, load_or_create_signing_key
+from .checkpoint import CheckpointPolicy, CheckpointSigner, SigningKeyError
 from .log import AuditLog, AuditLogError, LogStats, OpenReport, quarantine, verify_directory
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "audit_method",
     "audit_principal",
     "decode",
-    "load_or_create_signing_key",
     "quarantine",
     "redact",
     "verify",

@@ -82,6 +82,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from controller.identity import AUDIT_CHECKPOINT, signed_message
+
 FORMAT_VERSION = 1
 HASH_SIZE = 32
 SIGNATURE_SIZE = 64
@@ -378,7 +380,7 @@ class CheckpointRecord:
         if self.signer_id != key_id(public_key):
             raise ChainBroken(self.sequence, "checkpoint signed by another key than the host's audit key")
         try:
-            public_key.verify(self.signature, self.message())
+            public_key.verify(self.signature, signed_message(AUDIT_CHECKPOINT, self.message()))
         except InvalidSignature:
             raise ChainBroken(self.sequence, (
                 "checkpoint signature does not verify: the checkpoint was forged, or records "

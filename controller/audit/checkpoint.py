@@ -1,13 +1,14 @@
-"""Signing the chain head: the host's audit signing key and when to checkpoint (claims C3, C7, C16).
+"""Signing the chain head: the host's signing key and when to checkpoint (claims C3, C7, C16).
 
 Theory of operation.  A checkpoint is an Ed25519 signature by the host's
-audit signing key over the chain head (``chain.checkpoint_message``).  The
-key is a second host key beside the X25519 identity key, because X25519 only
-agrees keys and cannot sign; its public half is published as
+signing key over the chain head (``chain.checkpoint_message``), made for the
+purpose ``identity.AUDIT_CHECKPOINT`` so that no other use of the key can
+produce a valid checkpoint.  The key is the Ed25519 half of the host identity
+(``controller/identity.py``: one identity, two key pairs, because X25519 only
+agrees keys and cannot sign); its public half is published as
 ``GetHostIdentityResponse.signing_public_key`` so auditors verify checkpoints
-without trusting the log.  The private key lives in one file (PKCS#8 PEM,
-mode 0600, created with O_EXCL so two starts cannot race to different keys)
-and never leaves the controller.
+without trusting the log.  The private key never leaves the host identity:
+:meth:`CheckpointSigner.for_host` signs through it.
 
 :class:`CheckpointPolicy` says when the log writes a checkpoint: after
 ``every`` records or ``interval`` seconds, whichever comes first, and only if
@@ -17,40 +18,42 @@ be cut from the tail of the log unnoticed (see ``log.py``).
 
 from __future__ import annotations
 
-import os
-import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-    load_pem_private_key,
-)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from controller.identity import AUDIT_CHECKPOINT, HostIdentity, signed_message
 
 from .chain import AuditError, key_id
 
-MAX_KEY_FILE_BYTES = 4096
-
 
 class SigningKeyError(AuditError):
-    """The signing key file cannot be used; the message says why."""
+    """A published signing key cannot be used; the message says why."""
 
 
 class CheckpointSigner:
     """The host's audit signing key (implements ``chain.Signer``)."""
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        self._private_key = private_key
+        self._sign: Callable[[bytes], bytes] = lambda message: private_key.sign(
+            signed_message(AUDIT_CHECKPOINT, message))
         self._public_key = private_key.public_key()
         self.key_id = key_id(self._public_key)
 
     @classmethod
     def generate(cls) -> CheckpointSigner:
         return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def for_host(cls, host: HostIdentity) -> CheckpointSigner:
+        """The signer of a host identity: signs with its Ed25519 key, which stays inside ``host``."""
+        signer = cls.__new__(cls)
+        signer._sign = lambda message: host.sign(message, purpose=AUDIT_CHECKPOINT)
+        signer._public_key = host.signing_public_key
+        signer.key_id = key_id(signer._public_key)
+        return signer
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -61,7 +64,7 @@ class CheckpointSigner:
         return self._public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def sign(self, message: bytes) -> bytes:
-        return self._private_key.sign(message)
+        return self._sign(message)
 
     def __repr__(self) -> str:  # never the key, only which key
         return f"CheckpointSigner(key_id={self.key_id.hex()[:16]}...)"
@@ -72,54 +75,6 @@ def public_key_from_bytes(raw: bytes) -> Ed25519PublicKey:
     if len(raw) != 32:
         raise SigningKeyError("an Ed25519 public key is 32 bytes")
     return Ed25519PublicKey.from_public_bytes(raw)
-
-
-def load_or_create_signing_key(path: Path) -> CheckpointSigner:
-    """The signing key at ``path``; created (mode 0600) when there is no file yet."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return _load(path)
-    except OSError as exc:
-        raise SigningKeyError(f"cannot create {path}: {exc.strerror}") from None
-    private_key = Ed25519PrivateKey.generate()
-    pem = private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(pem)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    directory_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
-    return CheckpointSigner(private_key)
-
-
-def _load(path: Path) -> CheckpointSigner:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:  # ELOOP for a symlink, EACCES, ...
-        raise SigningKeyError(f"cannot open {path}: {exc.strerror}") from None
-    status = os.fstat(fd)
-    if not stat.S_ISREG(status.st_mode) or status.st_mode & 0o077:
-        os.close(fd)
-        raise SigningKeyError(f"{path} must be a regular file of mode 0600 (found {status.st_mode:o})")
-    with os.fdopen(fd, "rb") as file:
-        data = file.read(MAX_KEY_FILE_BYTES + 1)
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise SigningKeyError(f"{path} is larger than {MAX_KEY_FILE_BYTES} bytes")
-    try:
-        private_key = load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise SigningKeyError(f"{path} does not hold an unencrypted PKCS#8 PEM private key") from None
-    if not isinstance(private_key, Ed25519PrivateKey):
-        raise SigningKeyError(f"{path} holds a {type(private_key).__name__}, not an Ed25519 key")
-    return CheckpointSigner(private_key)
 
 
 @dataclass(frozen=True)

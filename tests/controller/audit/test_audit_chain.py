@@ -42,6 +42,7 @@ from controller.audit.chain import (
     verify_lines,
 )
 from controller.audit.checkpoint import CheckpointSigner
+from controller.identity import AUDIT_CHECKPOINT, signed_message
 
 # RFC 8032 section 7.1, TEST 1: an independent key, so the vectors below do not depend on our key handling.
 RFC8032_SECRET = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
@@ -104,7 +105,8 @@ def test_known_answer_checkpoint_signature() -> None:
     record = CheckpointRecord(42, 1_700_000_000_000, b"\xab" * 32, signer.key_id, signer.sign(message))
     assert (record.head_sequence, record.head_hash) == (41, b"\xab" * 32)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    Ed25519PublicKey.from_public_bytes(RFC8032_PUBLIC).verify(record.signature, message)  # raises if wrong
+    Ed25519PublicKey.from_public_bytes(RFC8032_PUBLIC).verify(  # raises if wrong
+        record.signature, signed_message(AUDIT_CHECKPOINT, message))
     assert decode(record.encode()) == record
 
 

@@ -1,72 +1,52 @@
-"""The audit signing key file and the checkpoint policy (claims C3, C16)."""
+"""The audit checkpoint signer (the host identity's Ed25519 key) and the checkpoint policy (claims C3, C16)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from controller.audit.checkpoint import (
     CheckpointPolicy,
     CheckpointSigner,
     SigningKeyError,
-    load_or_create_signing_key,
     public_key_from_bytes,
 )
+from controller.identity import AUDIT_CHECKPOINT, HostIdentity, verify_signature
 
 
-def test_the_key_is_created_once_with_mode_0600_and_reloaded(tmp_path: Path) -> None:
-    path = tmp_path / "audit-signing.pem"
-    created = load_or_create_signing_key(path)
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
-    again = load_or_create_signing_key(path)
-    assert again.public_bytes() == created.public_bytes()
-    assert again.key_id == hashlib.sha256(created.public_bytes()).digest()
+def test_the_host_signer_signs_with_the_host_identity_key_for_the_checkpoint_purpose() -> None:
+    host = HostIdentity.generate()
+    signer = CheckpointSigner.for_host(host)
+    assert signer.public_bytes() == host.signing_public_bytes
+    assert signer.key_id == hashlib.sha256(host.signing_public_bytes).digest()
     message = b"head"
-    public_key_from_bytes(created.public_bytes()).verify(again.sign(message), message)  # raises if not
+    signature = signer.sign(message)
+    verify_signature(host.signing_public_bytes, signature, message, purpose=AUDIT_CHECKPOINT)  # raises if not
+    with pytest.raises(InvalidSignature):  # domain-separated: not a signature of the bare message
+        public_key_from_bytes(signer.public_bytes()).verify(signature, message)
+    with pytest.raises(InvalidSignature):  # nor one for another purpose
+        verify_signature(host.signing_public_bytes, signature, message, purpose="other-purpose")
 
 
-def test_the_repr_names_the_key_without_showing_it(tmp_path: Path) -> None:
-    signer = load_or_create_signing_key(tmp_path / "k.pem")
-    pem = (tmp_path / "k.pem").read_text()
+def test_a_host_signer_and_a_key_signer_make_the_same_signatures() -> None:
+    private = Ed25519PrivateKey.generate()
+    by_key = CheckpointSigner(private)
+    host = HostIdentity(X25519PrivateKey.generate(), private)
+    assert CheckpointSigner.for_host(host).sign(b"m") == by_key.sign(b"m")  # Ed25519 is deterministic
+
+
+def test_the_repr_names_the_key_without_showing_it() -> None:
+    private = Ed25519PrivateKey.generate()
+    signer = CheckpointSigner(private)
     text = repr(signer)
     assert signer.key_id.hex()[:16] in text
-    assert not any(line in text for line in pem.splitlines()[1:-1])
-
-
-@pytest.mark.parametrize("problem", ["mode", "symlink", "garbage", "not ed25519", "too large", "directory"])
-def test_unusable_key_files_are_refused(tmp_path: Path, problem: str) -> None:
-    path = tmp_path / "k.pem"
-    if problem == "mode":
-        load_or_create_signing_key(path)
-        path.chmod(0o640)
-    elif problem == "symlink":
-        load_or_create_signing_key(tmp_path / "real.pem")
-        path.symlink_to(tmp_path / "real.pem")
-    elif problem == "garbage":
-        path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
-        path.chmod(0o600)
-    elif problem == "not ed25519":
-        other = generate_private_key(SECP256R1())
-        path.write_bytes(other.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-        path.chmod(0o600)
-    elif problem == "too large":
-        path.write_bytes(b"x" * 10_000)
-        path.chmod(0o600)
-    else:
-        path.mkdir()
-    before = None if problem == "directory" else os.stat(path, follow_symlinks=False)
-    with pytest.raises(SigningKeyError):
-        load_or_create_signing_key(path)
-    if before is not None:  # a refused key file is left as it was: never replaced by a new key
-        after = os.stat(path, follow_symlinks=False)
-        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size,
-                                                                     before.st_mtime_ns)
+    raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    assert raw.hex() not in text and raw.hex()[:16] not in text
 
 
 def test_public_keys_must_be_32_bytes() -> None:
