@@ -49,6 +49,9 @@ from typing import NoReturn, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+# One wipe for every secret buffer of the controller (key files here, unsealed data keys there).
+from controller.envelope import wipe as _wipe
+
 __all__ = [
     "AUDIT_CHECKPOINT",
     "KEY_SIZE",
@@ -304,12 +307,6 @@ def read_private_file(path: Path, *, size: int | None = None, max_size: int = 64
     result = data[:length]
     _wipe(data)
     return result
-
-
-def _wipe(data: bytearray) -> None:
-    # Best effort: CPython may hold other copies (the key object's own, bytes temporaries), but the buffer
-    # that came from the file does not outlive its use.
-    data[:] = bytes(len(data))
 
 
 def _fsync_directory(directory: Path) -> None:
