@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 One subcommand per RPC of ``proto/passivisor/v1/controller.proto`` (``start``, ``stop``, ``attach``, ``detach``,
 ``assign-vf``, ``release-vf``, ``describe``, ``list``, ``identity``, ``audit read``, ``metrics``, ``events``),
-plus two that work without a controller: ``pki init DIR`` (the development PKI of :mod:`controller.pki`) and
-``audit verify`` (which also verifies a log file offline).  A run is three steps, each in one place:
+plus some that work without a controller: ``pki init DIR`` (the development PKI of :mod:`controller.pki`),
+``audit verify`` (which also verifies a log file offline), and ``volume create`` / ``volume wrap`` (an encrypted
+volume file and the envelope of its key, :mod:`controller.volumetool`; they call GetHostIdentity only when the
+host's public key is not given).  A run is three steps, each in one place:
 
 1. *Parse*: argparse with strict value types (canonical UUIDs, exact hex lengths, MAC and PCI formats), then the
    request message is checked against the constraints the .proto declares (:mod:`controller.api.constraints`),
@@ -32,8 +34,10 @@ of :data:`controller.pki.DEFAULT_ROLES`) that the shipped default policy allows 
 
 Invariants
 ----------
-- Nothing secret is printed: private keys are read only to build the channel credentials, and the volume
-  envelope (key material, claim C8) is sent and never shown, not even its length.
+- Nothing secret is printed: private keys are read only to build the channel credentials, and ``attach`` sends
+  the volume envelope (key material, claim C8) and never shows it, not even its length.  ``volume create`` and
+  ``volume wrap`` never show the data key; the envelope they write is shown only by ``--json`` (as
+  ``envelope_base64``), since only the host it is wrapped to can open it.
 - Every text that comes from the server is printed with control characters replaced, so an answer cannot
   rewrite the operator's terminal; an error line is always a single line.
 - pvctl never retries a mutating call by itself; read-only paging (``audit verify``, ``events --follow``)
@@ -43,6 +47,7 @@ Invariants
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import hashlib
 import json
@@ -62,6 +67,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller import volumetool
 from controller.api import constraints
 from controller.api.gen.passivisor.v1 import controller_pb2 as pb
 from controller.api.gen.passivisor.v1 import controller_pb2_grpc as pb_grpc
@@ -254,6 +260,15 @@ def _hex_bytes(size: int, what: str) -> Callable[[str], bytes]:
 
 image_digest = _hex_bytes(32, "an image digest (SHA-256)")
 image_signature = _hex_bytes(64, "an image signature (Ed25519)")
+host_public_key_hex = _hex_bytes(32, "an X25519 public key")
+
+
+def volume_size(text: str) -> int:
+    """``N[K|M|G|T]``, 1M..1T, whole 512-byte sectors (:func:`controller.volumetool.parse_size`)."""
+    try:
+        return volumetool.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def pci_address(text: str) -> pb.PciAddress:
@@ -948,6 +963,95 @@ def run_audit_verify(session: Session) -> int:
     return EXIT_OK
 
 
+# --- encrypted volumes (local; GetHostIdentity only without --host-public-key) ---
+
+_CONNECTION_OPTIONS = {"endpoint": "--endpoint", "ca": "--ca", "cert": "--cert", "key": "--key", "dev": "--dev",
+                       "role": "--role", "server_name": "--server-name"}
+
+
+def host_public_key(session: Session) -> tuple[bytes, str]:
+    """The host's raw X25519 public key and where it came from: ``--host-public-key``, or GetHostIdentity."""
+    args = session.args
+    if args.host_public_key is not None:
+        given = [option for name, option in _CONNECTION_OPTIONS.items() if getattr(args, name, None) is not None]
+        if given:
+            raise UsageError(f"{session.command.name}: --host-public-key and {', '.join(given)}: give the host's "
+                             "public key or the connection to fetch it, not both")
+        return bytes(args.host_public_key), "--host-public-key"
+    try:
+        response = session.call(Method.GET_HOST_IDENTITY, pb.GetHostIdentityRequest())
+    except RpcFailure as failure:
+        raise RpcFailure(failure.code, f"GetHostIdentity: {failure.details}", failure.violations,
+                         failure.retry_after) from None
+    # As in ``identity``: pvctl computes the fingerprint itself rather than trusting the one it was sent.
+    if len(response.public_key) != 32 or hashlib.sha256(response.public_key).digest() != response.fingerprint:
+        raise CommandFailed(session.command.name,
+                            "the controller's fingerprint is not the SHA-256 of its 32-byte public key")
+    return bytes(response.public_key), "GetHostIdentity"
+
+
+def _volume_failure(what: str, exc: volumetool.VolumeToolError) -> Exception:
+    # Refused inputs or outputs (nothing was changed) are usage errors; a failed qemu-img or write is not.
+    if isinstance(exc, volumetool.UnusablePath):
+        return UsageError(f"{what}: {exc}")
+    return CommandFailed(what, str(exc))
+
+
+def _volume_result(session: Session, fields: list[tuple[str, str | int | None]], wrapped: bytes) -> int:
+    if session.as_json:
+        session.print_json({**dict(fields), "envelope_base64": base64.b64encode(wrapped).decode("ascii")})
+        return EXIT_OK
+    width = max(len(name) for name, _ in fields) + 2
+    for name, value in fields:
+        if value is not None:
+            session.print(f"{name:<{width}}{_printable(str(value))}")
+    return EXIT_OK
+
+
+def run_volume_create(session: Session) -> int:
+    args = session.args
+    try:
+        # Before asking the controller anything: an existing output is refused at once.
+        volumetool.check_new_paths(args.out, args.envelope_out, args.key_out)
+        volumetool.find_qemu_img()
+    except volumetool.VolumeToolError as exc:
+        raise _volume_failure("volume create", exc) from None
+    public, source = host_public_key(session)
+    try:
+        created = volumetool.create_encrypted_volume(
+            path=args.out, size=args.size, volume_id=uuid.UUID(args.volume_id),
+            instance_id=uuid.UUID(args.instance_id), host_public=public, envelope_path=args.envelope_out,
+            key_path=args.key_out, iter_time_ms=args.iter_time_ms)
+    except volumetool.VolumeToolError as exc:
+        raise _volume_failure("volume create", exc) from None
+    return _volume_result(session, [
+        ("volume_path", str(created.path)), ("size_bytes", created.size), ("volume_id", args.volume_id),
+        ("instance_id", args.instance_id), ("host_fingerprint", hashlib.sha256(public).hexdigest()),
+        ("host_key_source", source), ("envelope_file", str(created.envelope_path)),
+        ("key_file", None if created.key_path is None else str(created.key_path)),
+    ], created.envelope)
+
+
+def run_volume_wrap(session: Session) -> int:
+    args = session.args
+    try:
+        volumetool.check_new_paths(args.envelope_out)
+    except volumetool.VolumeToolError as exc:
+        raise _volume_failure("volume wrap", exc) from None
+    public, source = host_public_key(session)
+    try:
+        wrapped = volumetool.wrap_key_file(key_path=args.key_file, volume_id=uuid.UUID(args.volume_id),
+                                           instance_id=uuid.UUID(args.instance_id), host_public=public,
+                                           envelope_path=args.envelope_out)
+    except volumetool.VolumeToolError as exc:
+        raise _volume_failure("volume wrap", exc) from None
+    return _volume_result(session, [
+        ("key_file", str(args.key_file)), ("volume_id", args.volume_id), ("instance_id", args.instance_id),
+        ("host_fingerprint", hashlib.sha256(public).hexdigest()), ("host_key_source", source),
+        ("envelope_file", str(args.envelope_out)),
+    ], wrapped)
+
+
 # --- pki ---
 
 
@@ -1160,6 +1264,50 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--head", type=Path, metavar="FILE",
                         help="a signed head (audit.head) to check the chain against: detects a cut tail")
     _command(verify, "audit verify", (Method.READ_AUDIT_LOG, Method.GET_HOST_IDENTITY), run_audit_verify)
+
+    volume = sub("volume", "encrypted volumes: a new LUKS volume file and the envelope of its key")
+    volume_commands = volume.add_subparsers(dest="volume_command", metavar="ACTION", parser_class=_Parser)
+    volume_commands.required = True
+    iter_time_help = (
+        f"LUKS PBKDF2 time per unlock, {volumetool.MIN_ITER_TIME_MS}..{volumetool.MAX_ITER_TIME_MS} ms (default "
+        f"{volumetool.DEFAULT_ITER_TIME_MS}).  The passphrase is a full-entropy 256-bit random key, so stretching "
+        "adds no security and only slows every attach (each unlock runs PBKDF2 twice)")
+    create_help = ("create a LUKS volume file with a fresh random data key, and the envelope of that key "
+                   "wrapped to the host key for one instance (for attach --envelope-file)")
+    create = volume_commands.add_parser("create", help=create_help, description=create_help)
+    _add_global_options(create, top=False)
+    create.add_argument("--volume-id", type=canonical_uuid, required=True, metavar="UUID", help=_UUID_HELP)
+    create.add_argument("--instance-id", type=canonical_uuid, required=True, metavar="UUID",
+                        help="the instance the envelope is for; " + _UUID_HELP)
+    create.add_argument("--size", type=volume_size, required=True, metavar="SIZE",
+                        help="N with an optional K, M, G or T suffix (binary units), 1M..1T")
+    create.add_argument("--out", type=Path, required=True, metavar="PATH",
+                        help="the new volume file (mode 0600; must not exist)")
+    create.add_argument("--envelope-out", type=Path, required=True, metavar="FILE",
+                        help="the new envelope file: raw bytes, as attach --envelope-file reads them")
+    create.add_argument("--key-out", type=Path, metavar="FILE",
+                        help="also keep the raw 32-byte data key in this new file (mode 0600), to re-wrap it "
+                             "later with volume wrap; without it the key exists only inside the envelope")
+    create.add_argument("--host-public-key", type=host_public_key_hex, metavar="HEX",
+                        help="the host's X25519 public key, 64 hex digits (default: ask GetHostIdentity over "
+                             "the connection options)")
+    create.add_argument("--iter-time-ms", type=_bounded(volumetool.MIN_ITER_TIME_MS, volumetool.MAX_ITER_TIME_MS),
+                        default=volumetool.DEFAULT_ITER_TIME_MS, metavar="N", help=iter_time_help)
+    _command(create, "volume create", (Method.GET_HOST_IDENTITY,), run_volume_create)
+    wrap_help = "wrap a volume's data key (a --key-out file) again, for another instance or another host"
+    wrap = volume_commands.add_parser("wrap", help=wrap_help, description=wrap_help)
+    _add_global_options(wrap, top=False)
+    wrap.add_argument("--key-file", type=Path, required=True, metavar="FILE",
+                      help="the data key: exactly 32 raw bytes, a regular file of mode 0600 owned by you")
+    wrap.add_argument("--volume-id", type=canonical_uuid, required=True, metavar="UUID", help=_UUID_HELP)
+    wrap.add_argument("--instance-id", type=canonical_uuid, required=True, metavar="UUID",
+                      help="the instance the envelope is for; " + _UUID_HELP)
+    wrap.add_argument("--envelope-out", type=Path, required=True, metavar="FILE",
+                      help="the new envelope file: raw bytes, as attach --envelope-file reads them")
+    wrap.add_argument("--host-public-key", type=host_public_key_hex, metavar="HEX",
+                      help="the host's X25519 public key, 64 hex digits (default: ask GetHostIdentity over the "
+                           "connection options)")
+    _command(wrap, "volume wrap", (Method.GET_HOST_IDENTITY,), run_volume_wrap)
 
     pki = sub("pki", "the development PKI")
     pki_commands = pki.add_subparsers(dest="pki_command", metavar="ACTION", parser_class=_Parser)
