@@ -57,6 +57,7 @@ class ControllerError(Exception):
     detail: str
     violations: tuple[Violation, ...] = ()
     retry_after_ms: int | None = None
+    agent_code: m.ErrorCode | None = None  # the agent's own code, when the agent refused
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.detail}"
@@ -140,7 +141,8 @@ class AgentConnection:
                     raise ControllerError(Code.DEADLINE_EXCEEDED, "the agent did not answer in time") from None
                 raise ControllerError(Code.UNAVAILABLE, f"agent link broken: {exc.detail}") from None
         if isinstance(answer, m.Error):
-            raise ControllerError(AGENT_CODES[answer.code], f"agent refused: {answer.code.name}")
+            raise ControllerError(AGENT_CODES[answer.code], f"agent refused: {answer.code.name}",
+                                  agent_code=answer.code)
         return answer
 
     def close(self) -> None:

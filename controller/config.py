@@ -21,6 +21,11 @@ Example (every key shown; those with a default may be omitted)::
     instance_rate_per_s = 2.0
     instance_burst = 10
     call_timeout_s = 60.0                       # when the caller sets no deadline
+
+    [volumes]
+    encrypted_dir = "/var/lib/passivisor/encrypted-volumes"  # LUKS volume files named by volume id
+    nbdkit = "nbdkit"                           # serves a volume decrypted over NBD (controller side)
+    qemu_img = "qemu-img"                       # checks a data key against a volume before serving it
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 
 from hostagent.config import ConfigError, Section
 
-_SECTIONS = ("controller", "tls", "limits")
+_SECTIONS = ("controller", "tls", "limits", "volumes")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class ControllerConfig:
     instance_rate_per_s: float
     instance_burst: int
     call_timeout_s: float
+    encrypted_volume_dir: Path
+    nbdkit: str
+    qemu_img: str
 
 
 def parse(text: str) -> ControllerConfig:
@@ -66,7 +74,7 @@ def parse(text: str) -> ControllerConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"[{name}] must be a table")
         sections[name] = Section(data, name)
-    c, tls, lim = (sections[n] for n in _SECTIONS)
+    c, tls, lim, vol = (sections[n] for n in _SECTIONS)
     listen = c.address("listen", "127.0.0.1:7443")
     policy = c.path("policy") if "policy" in c.data else None
     config = ControllerConfig(
@@ -84,6 +92,9 @@ def parse(text: str) -> ControllerConfig:
         instance_rate_per_s=lim.number("instance_rate_per_s", 0.001, 1e6, 2.0),
         instance_burst=lim.integer("instance_burst", 1, 1_000_000, 10),
         call_timeout_s=lim.number("call_timeout_s", 0.1, 3600, 60.0),
+        encrypted_volume_dir=vol.path("encrypted_dir", "/var/lib/passivisor/encrypted-volumes"),
+        nbdkit=vol.word("nbdkit", "nbdkit"),
+        qemu_img=vol.word("qemu_img", "qemu-img"),
     )
     for section in sections.values():
         section.finish()

@@ -18,7 +18,9 @@ order of checks for each call, denying by default at every step:
 6. idempotency of mutating calls by client token (replay, refusal of reuse);
 7. audit: a mutating call's intent is durable before it runs and its
    outcome is recorded after; a read-only call is recorded once;
-8. execution through the one agent connection, with the caller's deadline.
+8. execution through the one agent connection, with the caller's deadline;
+   an encrypted volume's envelope is admitted in step 3 and opened in step 8
+   (``controller/encrypted_attach.py``).
 
 Domain errors become gRPC status codes here and only here (``_abort``).
 """
@@ -44,6 +46,8 @@ from .api.gen.passivisor.v1 import controller_pb2 as pb
 from .api.rpc_status import STATUS_DETAILS_KEY, encode_status
 from .app import AgentConnection, Code, ControllerError, Violation
 from .audit import AuditLog, CallRecord, Decision, Outcome, audit_method, audit_principal, redact
+from .encrypted_attach import EncryptedAttach
+from .envelope import Envelope
 from .idempotency import IdempotencyStore, InProgress, New, Replay, TokenReused, request_fingerprint
 from .pki import principal_of
 from .ratelimit import RateLimited, RateLimiter
@@ -131,10 +135,10 @@ def _command(method: pol.Method, request: Any) -> tuple[m.Message | None, pol.Re
         params = {"instance_id": iid, "mode": request.mode, "timeout_seconds": request.timeout_seconds}
     elif method is M.ATTACH_VOLUME:
         iid, vid = _uuid(request.instance_id), _uuid(request.volume_id)
-        if request.envelope:
-            raise ControllerError(Code.FAILED_PRECONDITION, "encrypted volumes (envelope) are not supported yet",
-                                  (Violation("envelope", "encrypted volumes arrive with issue 5"),))
-        cmd = m.AttachVolume(iid, vid, m.VolumeSource.FILE, request.read_only)
+        # An envelope makes the volume an encrypted one, served by the controller over an NBD socket
+        # (controller/encrypted_attach.py); its binding is checked by the handler, which holds the host key.
+        source = m.VolumeSource.NBD_SOCKET if request.envelope else m.VolumeSource.FILE
+        cmd = m.AttachVolume(iid, vid, source, request.read_only)
         facts = pol.RequestFacts(instance_id=iid)
         params = {"instance_id": iid, "volume_id": vid, "read_only": request.read_only,
                   "envelope": request.envelope}
@@ -178,8 +182,9 @@ def _command(method: pol.Method, request: Any) -> tuple[m.Message | None, pol.Re
 class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     def __init__(self, *, agent: AgentConnection, policy: pol.Policy, limiter: RateLimiter,
                  tokens: IdempotencyStore, audit: AuditLog, keys: HostKeys, telemetry: Telemetry,
-                 default_timeout_s: float = 60.0) -> None:
+                 encrypted: EncryptedAttach | None = None, default_timeout_s: float = 60.0) -> None:
         self.agent = agent
+        self.encrypted = encrypted  # None: this controller serves no encrypted volumes
         self.policy = policy
         self.limiter = limiter
         self.tokens = tokens
@@ -247,6 +252,12 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             self._refuse(principal, name, {}, exc)
         params.update(params_)
         summary = redact(params)
+        envelope = None
+        if isinstance(command, m.AttachVolume) and command.source is m.VolumeSource.NBD_SOCKET:
+            try:
+                envelope = self._admit_envelope(request.envelope, command)
+            except ControllerError as exc:
+                self._refuse(principal, name, summary, exc)
         decision = self.policy.authorize(principal, method, facts)
         if not decision.allowed:
             self.telemetry.denied(name)
@@ -265,16 +276,22 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             raise ControllerError(Code.DEADLINE_EXCEEDED, "the deadline passed before the call started")
         if not mutating:
             try:
-                response = self._execute(method, request, command, timeout)
+                response = self._execute(method, request, command, timeout, None)
             except ControllerError as exc:
                 self._record(principal, name, summary, Decision.ALLOWED, Outcome[exc.code.value])
                 raise
             self._record(principal, name, summary, Decision.ALLOWED, Outcome.OK)
             return response
-        return self._mutate(principal, method, request, command, params, summary, timeout)
+        return self._mutate(principal, method, request, command, params, summary, timeout, envelope)
+
+    def _admit_envelope(self, data: bytes, command: m.AttachVolume) -> Envelope:
+        if self.encrypted is None:
+            raise ControllerError(Code.FAILED_PRECONDITION, "this controller serves no encrypted volumes",
+                                  (Violation("envelope", "not accepted on this host"),))
+        return self.encrypted.admit(data, command.instance_id, command.volume_id)
 
     def _mutate(self, principal: str, method: pol.Method, request: Any, command: m.Message | None,
-                params: dict[str, Any], summary: dict[str, str], timeout: float) -> Any:
+                params: dict[str, Any], summary: dict[str, str], timeout: float, envelope: Envelope | None) -> Any:
         name = method.value
         token = request.client_token
         summary = {**summary, "client_token": token}
@@ -298,7 +315,7 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         assert isinstance(outcome, New)
         intent = self.audit.begin(audit_principal(principal), audit_method(name), summary)
         try:
-            response = self._execute(method, request, command, timeout)
+            response = self._execute(method, request, command, timeout, envelope)
         except ControllerError as exc:
             self.audit.finish(intent, Outcome[exc.code.value])
             if exc.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
@@ -313,7 +330,8 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     # --- execution ---------------------------------------------------------------------
 
-    def _execute(self, method: pol.Method, request: Any, command: m.Message | None, timeout: float) -> Any:
+    def _execute(self, method: pol.Method, request: Any, command: m.Message | None, timeout: float,
+                 envelope: Envelope | None) -> Any:
         M = pol.Method
         if method is M.GET_HOST_IDENTITY:
             return pb.GetHostIdentityResponse(public_key=self.keys.public_key, fingerprint=self.keys.fingerprint,
@@ -330,7 +348,22 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         if method is M.READ_AUDIT_LOG:
             return self._read_audit(request)
         assert command is not None
-        answer = self.agent.request(command, timeout=timeout, mutating=pol.METHODS[method].mutating)
+        mutating = pol.METHODS[method].mutating
+        if envelope is not None:
+            assert self.encrypted is not None and isinstance(command, m.AttachVolume)
+            answer = self.encrypted.attach(envelope, command, lambda cmd, t, fds: self.agent.request(
+                cmd, timeout=t, mutating=True, fds=fds), timeout)
+        else:
+            try:
+                answer = self.agent.request(command, timeout=timeout, mutating=mutating)
+            except ControllerError as exc:
+                if isinstance(command, m.DetachVolume) and exc.agent_code is m.ErrorCode.VOLUME_NOT_ATTACHED:
+                    self._volume_gone(command.instance_id, command.volume_id)
+                raise
+        if isinstance(command, m.DetachVolume):
+            self._volume_gone(command.instance_id, command.volume_id)
+        elif isinstance(command, m.StopInstance) and self.encrypted is not None:
+            self.encrypted.instance_stopped(command.instance_id)
         if isinstance(answer, m.InstanceInfo):
             response_type = RESPONSES[method]
             return response_type(instance=_instance(answer))
@@ -348,6 +381,11 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         if isinstance(answer, m.Events):
             return pb.PollEventsResponse(next_cursor=answer.next_cursor, events=[_event(e) for e in answer.events])
         raise ControllerError(Code.INTERNAL, f"unexpected answer {type(answer).__name__}")
+
+    def _volume_gone(self, instance_id: uuid.UUID, volume_id: uuid.UUID) -> None:
+        """The agent says the volume is not attached (any more): end its encryption server, if any."""
+        if self.encrypted is not None:
+            self.encrypted.detached(instance_id, volume_id)
 
     def _read_audit(self, request: Any) -> Any:
         records = self.audit.read(request.from_sequence, request.max_records)

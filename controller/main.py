@@ -28,10 +28,12 @@ from .app import AgentConnection
 from .audit import CONTROLLER_PRINCIPAL, AuditLog, AuditLogError, CheckpointSigner, Decision, Outcome
 from .config import ControllerConfig
 from .config import load as load_config
+from .encrypted_attach import EncryptedAttach
 from .grpc_service import HostControllerHandler, HostKeys, build_server
 from .idempotency import IdempotencyStore, StoreError
 from .ratelimit import BucketSpec, RateLimiter
 from .telemetry import Telemetry
+from .volumes import EncryptedVolumes, VolumeServerError, disable_core_dumps
 
 log = logging.getLogger("passivisor.controller")
 READY_MARK = "passivisor-controller: ready on "
@@ -52,7 +54,11 @@ def build(config: ControllerConfig) -> tuple[object, int, list[object]]:
         tokens = IdempotencyStore(config.state_dir)
         policy = pol.load(config.policy) if config.policy is not None else pol.load_default()
         ca, cert, key = config.ca.read_bytes(), config.certificate.read_bytes(), config.key.read_bytes()
-    except (ChannelError, identity.KeyFileError, AuditLogError, StoreError, pol.PolicyError, OSError) as exc:
+        # Adopts the encryption servers a previous controller process left serving running guests.
+        volumes = EncryptedVolumes(config.encrypted_volume_dir, config.state_dir, nbdkit=config.nbdkit,
+                                   qemu_img=config.qemu_img)
+    except (ChannelError, identity.KeyFileError, AuditLogError, StoreError, pol.PolicyError, VolumeServerError,
+            OSError) as exc:
         raise StartupError(str(exc)) from None
 
     def alarm(detail: str) -> None:
@@ -66,9 +72,9 @@ def build(config: ControllerConfig) -> tuple[object, int, list[object]]:
                             instance=BucketSpec(config.instance_rate_per_s, config.instance_burst)),
         tokens=tokens, audit=audit,
         keys=HostKeys(host.public_bytes, hashlib.sha256(host.public_bytes).digest(), signer.public_bytes()),
-        telemetry=Telemetry(), default_timeout_s=config.call_timeout_s)
+        telemetry=Telemetry(), encrypted=EncryptedAttach(host, volumes), default_timeout_s=config.call_timeout_s)
     server, port = build_server(handler, listen=config.listen, ca_pem=ca, cert_pem=cert, key_pem=key)
-    return server, port, [agent, audit, tokens]
+    return server, port, [agent, audit, tokens, volumes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # This process holds volume data keys (claim C8): no core file may ever contain one, and no other
+    # process of the same user may read its memory.  The encryption processes it starts inherit the limit.
+    disable_core_dumps()
     try:
         server, port, resources = build(config)
     except StartupError as exc:

@@ -31,6 +31,7 @@ class ControllerHost:
     pki: PkiPaths
     state_dir: Path
     log: Path
+    encrypted_volume_dir: Path  # LUKS volume files named by volume id, served by the controller
 
 
 def prepare(directory: Path, agent: AgentHost, *, principal_rate_per_s: float = 50.0, principal_burst: int = 100,
@@ -40,6 +41,8 @@ def prepare(directory: Path, agent: AgentHost, *, principal_rate_per_s: float = 
     pki_dir = directory / "pki"
     pki = PkiPaths.of(pki_dir) if (pki_dir / "ca.pem").exists() else init_pki(pki_dir)
     state = directory / "state"
+    volumes = directory / "encrypted-volumes"
+    volumes.mkdir(mode=0o700, exist_ok=True)
     config = directory / "controller.toml"
     policy_line = f'policy = "{policy}"\n' if policy is not None else ""
     config.write_text(f"""\
@@ -59,8 +62,11 @@ principal_rate_per_s = {principal_rate_per_s}
 principal_burst = {principal_burst}
 instance_rate_per_s = {instance_rate_per_s}
 instance_burst = {instance_burst}
+
+[volumes]
+encrypted_dir = "{volumes}"
 """)
-    return ControllerHost(directory, config, pki, state, directory / "controller.log")
+    return ControllerHost(directory, config, pki, state, directory / "controller.log", volumes)
 
 
 def start(host: ControllerHost, *, timeout: float = 30.0) -> tuple[subprocess.Popen[bytes], str]:

@@ -63,6 +63,7 @@ def up(directory: Path, *, backend: str = "qemu") -> dict[str, Any]:
         "image_digest": agent.image_digest.hex(),
         "image_signature": agent.image_signature.hex(),
         "volume_dir": str(agent.volume_dir),
+        "encrypted_volume_dir": str(controller.encrypted_volume_dir),
         "runtime_dir": str(agent.runtime_dir),
         "logs": {"agent": str(agent.log), "controller": str(controller.log)},
     }
