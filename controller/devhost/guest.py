@@ -15,14 +15,22 @@ busybox, ``/init`` (``guest_init.sh`` in this package, which documents the conso
 devtmpfs is mounted) and the kernel modules of :data:`MODULE_LOAD_ORDER`, decompressed because
 busybox ``insmod`` does not decompress.
 
+The guest has modes (:class:`GuestMode`): what it does with each disk that appears. The default,
+``MARKER``, finds or writes a marker in the disk's first sector, so that a test can see what reaches
+a volume's backing file; ``BENCH`` times sequential I/O on it instead. A mode other than the default
+adds ``/etc/passivisor-guest-mode`` (and ``/etc/passivisor-bench-mib``) to the initramfs and is
+built and cached on its own, in ``<cache>/variants/<mode>-<MiB>/``, with the layout below; building
+one mode never evicts another.
+
 Cache invariants
 ----------------
 - ``<cache>/guest.json`` is the commit point. It is written last, by an atomic rename, and names a
   build directory ``<cache>/builds/<id>/`` plus the SHA-256 digests of its kernel and initramfs.
   A build interrupted at any point therefore leaves either the previous marker or none, never a
   marker that names half an image; its temporary ``.build-*`` directory is removed by the next build.
-- A cached build is used only if the marker's recipe digest (this module's format, the init script
-  and the module list) matches the current one and both files still hash to the recorded digests.
+- A cached build is used only if the marker's recipe digest (this module's format, the init script,
+  the module list and the mode) matches the current one and both files still hash to the recorded
+  digests.
   Using a cached build touches no network.
 - One build runs at a time per cache directory (an ``flock`` on ``<cache>/.lock``).
 
@@ -79,6 +87,7 @@ MODULE_LOAD_ORDER: tuple[str, ...] = VIRTIO_MODULES + POWER_BUTTON_MODULES
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet"
 
 MARKER_NAME = "guest.json"
+VARIANTS_DIR = "variants"
 _FORMAT = 1
 _INIT_RESOURCE = "guest_init.sh"
 _SUBPROCESS_TIMEOUT_S = 900
@@ -87,6 +96,59 @@ _MODULE_SUFFIX = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
 
 class GuestBuildError(Exception):
     """The guest could not be built; the message says which step failed and why."""
+
+
+class GuestMode(enum.Enum):
+    """What the guest does with each virtio disk that appears (guest_init.sh, "Disks")."""
+
+    MARKER = "marker"  # find the marker in sector 0, or write one and read it back (the default)
+    BENCH = "bench"  # time a sequential direct-I/O write pass, then a read pass, over the disk
+
+
+#: The size of each bench pass unless ``bench_mib`` says otherwise; guest_init.sh has the same
+#: default (a test keeps the two equal). TCG emulates the guest's instructions, not its I/O: QEMU
+#: moves virtio data natively. Measured with this guest through the agent, a raw volume on this
+#: machine kind takes 2.4 to 3 s to write 1 GiB and 0.25 s to read it back (from the host's page
+#: cache); 32 MiB took 5 and 2 centiseconds, too few for the clock. Reads fast enough to last over a
+#: second would need several GiB written per run; at 1 GiB a centisecond is 4 % of the read pass.
+DEFAULT_BENCH_MIB = 1024
+#: guest_init.sh accepts at most five digits in /etc/passivisor-bench-mib.
+MAX_BENCH_MIB = 99_999
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """A mode with its parameters: the part of the recipe that is not the packages."""
+
+    mode: GuestMode
+    bench_mib: int | None
+
+    @staticmethod
+    def of(mode: GuestMode, bench_mib: int | None) -> _Variant:
+        if not isinstance(mode, GuestMode):
+            raise TypeError(f"mode must be a GuestMode, not {mode!r}")
+        if mode is not GuestMode.BENCH:
+            if bench_mib is not None:
+                raise ValueError("bench_mib applies to GuestMode.BENCH only")
+            return _Variant(mode, None)
+        mib = DEFAULT_BENCH_MIB if bench_mib is None else bench_mib
+        if isinstance(mib, bool) or not isinstance(mib, int) or not 1 <= mib <= MAX_BENCH_MIB:
+            raise ValueError(f"bench_mib must be an integer from 1 to {MAX_BENCH_MIB}, not {bench_mib!r}")
+        return _Variant(mode, mib)
+
+    def cache_dir(self, base: Path) -> Path:
+        if self.mode is GuestMode.MARKER:
+            return base
+        return base / VARIANTS_DIR / f"{self.mode.value}-{self.bench_mib}"
+
+    def files(self) -> list[CpioEntry]:
+        """The initramfs members that select this mode; the default mode needs none."""
+        if self.mode is GuestMode.MARKER:
+            return []
+        return [
+            CpioEntry.file("etc/passivisor-guest-mode", f"{self.mode.value}\n".encode()),
+            CpioEntry.file("etc/passivisor-bench-mib", f"{self.bench_mib}\n".encode()),
+        ]
 
 
 @dataclass(frozen=True)
@@ -100,8 +162,10 @@ class GuestImage:
     kernel_package: str
     kernel_version: str
     cmdline: str = KERNEL_CMDLINE
+    mode: GuestMode = GuestMode.MARKER
+    bench_mib: int | None = None
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, str | int | None]:
         return {
             "kernel": str(self.kernel),
             "kernel_sha256": self.kernel_sha256,
@@ -110,6 +174,8 @@ class GuestImage:
             "kernel_package": self.kernel_package,
             "kernel_version": self.kernel_version,
             "cmdline": self.cmdline,
+            "mode": self.mode.value,
+            "bench_mib": self.bench_mib,
         }
 
 
@@ -122,6 +188,9 @@ class GuestSignal(enum.Enum):
     READY = "PASSIVISOR-GUEST-READY"
     RNG = "PASSIVISOR-RNG"
     DISKS = "PASSIVISOR-DISKS"
+    DISK_MARKER = "PASSIVISOR-DISK-MARKER"
+    DISK_WROTE = "PASSIVISOR-DISK-WROTE"
+    DISK_BENCH = "PASSIVISOR-DISK-BENCH"
     POWEROFF = "PASSIVISOR-POWEROFF"
     ERROR = "PASSIVISOR-ERROR"
 
@@ -132,20 +201,83 @@ class GuestConsoleLine:
     words: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class DiskTokenLine(GuestConsoleLine):
+    """DISK_MARKER (the disk came with a marker) or DISK_WROTE (the guest wrote one and read it back)."""
+
+    device: str
+    token: str
+
+
+@dataclass(frozen=True)
+class DiskBenchLine(GuestConsoleLine):
+    """DISK_BENCH: one sequential direct-I/O write pass and one read pass, timed inside the guest."""
+
+    device: str
+    write_bytes: int
+    write_centiseconds: int
+    read_bytes: int
+    read_centiseconds: int
+
+    @property
+    def write_bytes_per_s(self) -> float | None:
+        """None when the pass took less than the clock's resolution (a centisecond)."""
+        return self.write_bytes * 100 / self.write_centiseconds if self.write_centiseconds else None
+
+    @property
+    def read_bytes_per_s(self) -> float | None:
+        return self.read_bytes * 100 / self.read_centiseconds if self.read_centiseconds else None
+
+
+#: The first bytes of a disk that carries a marker: ``MARKER_PREFIX + token + b"\n"``, then anything.
+MARKER_PREFIX = b"PASSIVISOR-MARKER "
+SECTOR_SIZE = 512
 _SIGNALS = {s.value: s for s in GuestSignal}
+_DEVICE = re.compile(r"vd[a-z]{1,3}")
+_TOKEN = re.compile(r"[A-Za-z0-9-]{8,64}")
+# A count the guest computed with shell arithmetic (64-bit): 18 digits cannot overflow it.
+_COUNT = re.compile(r"[0-9]{1,18}")
+
+
+def marker_sector(token: str) -> bytes:
+    """The sector 0 the guest writes to a disk without a marker (guest_init.sh, "Marker mode")."""
+    if _TOKEN.fullmatch(token) is None:
+        raise ValueError(f"not a marker token: {token!r}")
+    return (MARKER_PREFIX + token.encode() + b"\n").ljust(SECTOR_SIZE, b"\0")
+
+
+def _typed(signal: GuestSignal, words: tuple[str, ...]) -> GuestConsoleLine | None:
+    """The typed form of a line whose arguments have a grammar; None if they break it."""
+    if signal in (GuestSignal.DISK_MARKER, GuestSignal.DISK_WROTE):
+        if len(words) != 2 or _DEVICE.fullmatch(words[0]) is None or _TOKEN.fullmatch(words[1]) is None:
+            return None
+        return DiskTokenLine(signal, words, words[0], words[1])
+    if signal is GuestSignal.DISK_BENCH:
+        if len(words) != 7 or _DEVICE.fullmatch(words[0]) is None or (words[1], words[4]) != ("write", "read"):
+            return None
+        counts = (words[2], words[3], words[5], words[6])
+        if not all(_COUNT.fullmatch(c) for c in counts):
+            return None
+        write_bytes, write_cs, read_bytes, read_cs = (int(c) for c in counts)
+        return DiskBenchLine(signal, words, words[0], write_bytes, write_cs, read_bytes, read_cs)
+    return GuestConsoleLine(signal, words)
 
 
 def parse_console_line(line: str) -> GuestConsoleLine | None:
     """Read one serial-console line; None for anything that is not a protocol line.
 
     The guest is untrusted and kernel messages may share the port, so only a line that starts with
-    a known keyword (after the tty's CR is stripped) counts; everything else is ignored.
+    a known keyword (after the tty's CR is stripped) counts; everything else is ignored. The disk
+    lines have a grammar (guest_init.sh): they come back as :class:`DiskTokenLine` or
+    :class:`DiskBenchLine`, and one that breaks its grammar (a line cut short or spliced with a
+    kernel message, a token outside ``[A-Za-z0-9-]{8,64}``) is not a protocol line either. The
+    other lines are :class:`GuestConsoleLine` with their words as they came. Never raises.
     """
     head, _, rest = line.strip("\r\n").partition(" ")
     signal = _SIGNALS.get(head)
     if signal is None:
         return None
-    return GuestConsoleLine(signal, tuple(rest.split()))
+    return _typed(signal, tuple(rest.split()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,9 +370,15 @@ def gzip_deterministic(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=9, mtime=0)
 
 
-def initramfs_entries(busybox: bytes, init: bytes, modules: Sequence[tuple[str, bytes]]) -> list[CpioEntry]:
-    """The members of the guest's initramfs; ``modules`` are (name, uncompressed .ko) in load order."""
+def initramfs_entries(
+    busybox: bytes, init: bytes, modules: Sequence[tuple[str, bytes]], extra: Sequence[CpioEntry] = ()
+) -> list[CpioEntry]:
+    """The members of the guest's initramfs; ``modules`` are (name, uncompressed .ko) in load order.
+
+    ``extra`` are further members, such as the files that select a mode (:class:`GuestMode`).
+    """
     entries = [
+        *extra,
         CpioEntry.file("init", init, 0o755),
         CpioEntry.file("bin/busybox", busybox, 0o755),
         CpioEntry.symlink("bin/sh", "busybox"),
@@ -431,11 +569,16 @@ def init_script() -> bytes:
     return importlib.resources.files(__package__ or "controller.devhost").joinpath(_INIT_RESOURCE).read_bytes()
 
 
-def recipe_digest() -> str:
+def recipe_digest(mode: GuestMode = GuestMode.MARKER, bench_mib: int | None = None) -> str:
     """What, besides the two packages, determines the image; a change invalidates the cache."""
+    return _recipe_digest(_Variant.of(mode, bench_mib))
+
+
+def _recipe_digest(variant: _Variant) -> str:
     h = hashlib.sha256()
     h.update(f"passivisor-guest format {_FORMAT}\n".encode())
     h.update(("modules " + " ".join(MODULE_LOAD_ORDER) + "\n").encode())
+    h.update(f"mode {variant.mode.value} bench_mib {variant.bench_mib}\n".encode())
     h.update(init_script())
     return h.hexdigest()
 
@@ -473,11 +616,25 @@ def _locked(cache_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def load_cached(cache_dir: Path, *, kernel_package: str | None = None) -> GuestImage | None:
-    """The cached build if the marker is current and the files match their digests, else None."""
+def load_cached(
+    cache_dir: Path,
+    *,
+    kernel_package: str | None = None,
+    mode: GuestMode = GuestMode.MARKER,
+    bench_mib: int | None = None,
+) -> GuestImage | None:
+    """The cached build of ``mode`` if its marker is current and the files match their digests, else None.
+
+    ``cache_dir`` is the one :func:`build_guest` was given; each mode has its own place in it.
+    """
+    variant = _Variant.of(mode, bench_mib)
+    return _load_cached(variant.cache_dir(cache_dir), variant, kernel_package)
+
+
+def _load_cached(cache_dir: Path, variant: _Variant, kernel_package: str | None) -> GuestImage | None:
     try:
         marker = json.loads((cache_dir / MARKER_NAME).read_text())
-        if marker.get("format") != _FORMAT or marker.get("recipe") != recipe_digest():
+        if marker.get("format") != _FORMAT or marker.get("recipe") != _recipe_digest(variant):
             return None
         if kernel_package is not None and marker["kernel_package"] != kernel_package:
             return None
@@ -491,6 +648,8 @@ def load_cached(cache_dir: Path, *, kernel_package: str | None = None) -> GuestI
             initramfs_sha256=marker["initramfs_sha256"],
             kernel_package=marker["kernel_package"],
             kernel_version=marker["kernel_version"],
+            mode=variant.mode,
+            bench_mib=variant.bench_mib,
         )
         if sha256_file(image.kernel) != image.kernel_sha256 or sha256_file(image.initramfs) != image.initramfs_sha256:
             return None
@@ -505,24 +664,31 @@ def build_guest(
     force: bool = False,
     kernel_package: str | None = None,
     source: PackageSource | None = None,
+    mode: GuestMode = GuestMode.MARKER,
+    bench_mib: int | None = None,
 ) -> GuestImage:
     """Return the guest image, building it into ``cache_dir`` unless a current build is cached.
 
     ``force`` rebuilds (and re-resolves the kernel package) even when the cache is current.
     ``kernel_package`` pins a concrete package instead of the one the meta-package names.
+    ``mode`` selects what the guest does with its disks; ``bench_mib`` (``GuestMode.BENCH`` only,
+    default :data:`DEFAULT_BENCH_MIB`) is the size of each bench pass. Each mode and size is a
+    separate image with its own digests, cached apart from the others. Raises ValueError for a bad
+    ``bench_mib`` and GuestBuildError when a build fails.
     """
-    cache_dir = (cache_dir or default_cache_dir()).absolute()
+    variant = _Variant.of(mode, bench_mib)
+    cache_dir = variant.cache_dir((cache_dir or default_cache_dir()).absolute())
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _locked(cache_dir):
         if not force:
-            cached = load_cached(cache_dir, kernel_package=kernel_package)
+            cached = _load_cached(cache_dir, variant, kernel_package)
             if cached is not None:
                 return cached
         for stale in cache_dir.glob(".build-*"):
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
         try:
-            return _build(cache_dir, work, kernel_package, source or AptPackageSource())
+            return _build(cache_dir, work, kernel_package, source or AptPackageSource(), variant)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -537,7 +703,9 @@ def _deb_field(deb: Path, field: str) -> str:
     return _run(["dpkg-deb", "-f", str(deb), field]).strip()
 
 
-def _build(cache_dir: Path, work: Path, kernel_package: str | None, source: PackageSource) -> GuestImage:
+def _build(
+    cache_dir: Path, work: Path, kernel_package: str | None, source: PackageSource, variant: _Variant
+) -> GuestImage:
     kernel_package = kernel_package or source.resolve_kernel_package()
     downloads = work / "debs"
     downloads.mkdir()
@@ -559,7 +727,8 @@ def _build(cache_dir: Path, work: Path, kernel_package: str | None, source: Pack
 
     modules = [(name, read_module(path)) for name, path in find_modules(modules_dir, MODULE_LOAD_ORDER)]
     check_load_order(modules)
-    initramfs = gzip_deterministic(newc_archive(initramfs_entries(busybox.read_bytes(), init_script(), modules)))
+    entries = initramfs_entries(busybox.read_bytes(), init_script(), modules, variant.files())
+    initramfs = gzip_deterministic(newc_archive(entries))
 
     out = work / "out"
     out.mkdir()
@@ -589,10 +758,14 @@ def _build(cache_dir: Path, work: Path, kernel_package: str | None, source: Pack
         initramfs_sha256=initramfs_sha256,
         kernel_package=_deb_field(kernel_deb, "Package"),
         kernel_version=_deb_field(kernel_deb, "Version"),
+        mode=variant.mode,
+        bench_mib=variant.bench_mib,
     )
     marker = {
         "format": _FORMAT,
-        "recipe": recipe_digest(),
+        "recipe": _recipe_digest(variant),
+        "mode": variant.mode.value,
+        "bench_mib": variant.bench_mib,
         "build": build_id,
         "kernel_sha256": kernel_sha256,
         "initramfs_sha256": initramfs_sha256,
@@ -621,9 +794,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help=f"cache directory (default {default_cache_dir()})")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache holds a current build")
     parser.add_argument("--kernel-package", default=None, help="concrete linux-image-*-cloud-amd64 package to use")
+    parser.add_argument(
+        "--mode",
+        choices=[m.value for m in GuestMode],
+        default=GuestMode.MARKER.value,
+        help="what the guest does with disks",
+    )
+    parser.add_argument(
+        "--bench-mib", type=int, default=None, help=f"size of each bench pass (default {DEFAULT_BENCH_MIB})"
+    )
     args = parser.parse_args(argv)
+    mode = GuestMode(args.mode)
     try:
-        image = build_guest(args.cache, force=args.force, kernel_package=args.kernel_package)
+        _Variant.of(mode, args.bench_mib)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        image = build_guest(
+            args.cache, force=args.force, kernel_package=args.kernel_package, mode=mode, bench_mib=args.bench_mib
+        )
     except GuestBuildError as exc:
         print(f"guest: {exc}", file=sys.stderr)
         return 1

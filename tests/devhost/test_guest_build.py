@@ -14,7 +14,8 @@ import shutil
 import stat
 import struct
 import subprocess
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,21 @@ from hypothesis import strategies as st
 
 from controller.devhost import guest
 from controller.devhost.guest import (
+    DEFAULT_BENCH_MIB,
     MODULE_LOAD_ORDER,
     CpioEntry,
+    DiskBenchLine,
+    DiskTokenLine,
     GuestBuildError,
+    GuestConsoleLine,
+    GuestMode,
     GuestSignal,
     build_guest,
     check_load_order,
     find_modules,
     initramfs_entries,
     load_cached,
+    marker_sector,
     module_name,
     newc_archive,
     parse_console_line,
@@ -344,11 +351,138 @@ def test_read_module_rejects_non_elf_and_corrupt_files(tmp_path: Path) -> None:
         ("PASSIVISOR-DISKS\r\n", GuestSignal.DISKS, ()),
         ("PASSIVISOR-DISKS vda vdb\n", GuestSignal.DISKS, ("vda", "vdb")),
         ("PASSIVISOR-POWEROFF", GuestSignal.POWEROFF, ()),
+        (
+            "PASSIVISOR-ERROR disk vda cannot write sector 0\r\n",
+            GuestSignal.ERROR,
+            ("disk", "vda", "cannot", "write", "sector", "0"),
+        ),
     ],
 )
 def test_parse_console_line(line: str, signal: GuestSignal, words: tuple[str, ...]) -> None:
     parsed = parse_console_line(line)
     assert parsed is not None and (parsed.signal, parsed.words) == (signal, words)
+    assert type(parsed) is GuestConsoleLine
+
+
+UUID_TOKEN = "77cd8e28-f80e-4264-82cd-33d5b503c4c9"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            f"PASSIVISOR-DISK-WROTE vda {UUID_TOKEN}\r\n",
+            DiskTokenLine(GuestSignal.DISK_WROTE, ("vda", UUID_TOKEN), "vda", UUID_TOKEN),
+        ),
+        (
+            "PASSIVISOR-DISK-MARKER vdab abcdefgh\r",
+            DiskTokenLine(GuestSignal.DISK_MARKER, ("vdab", "abcdefgh"), "vdab", "abcdefgh"),
+        ),
+        (
+            "PASSIVISOR-DISK-MARKER vdz " + "Z9-" * 21 + "x",
+            DiskTokenLine(GuestSignal.DISK_MARKER, ("vdz", "Z9-" * 21 + "x"), "vdz", "Z9-" * 21 + "x"),
+        ),
+        (
+            "PASSIVISOR-DISK-BENCH vdb write 1073741824 286 read 1073741824 28\r\n",
+            DiskBenchLine(
+                GuestSignal.DISK_BENCH,
+                ("vdb", "write", "1073741824", "286", "read", "1073741824", "28"),
+                "vdb",
+                1073741824,
+                286,
+                1073741824,
+                28,
+            ),
+        ),
+    ],
+)
+def test_parse_disk_lines_as_typed_results(line: str, expected: GuestConsoleLine) -> None:
+    assert parse_console_line(line) == expected
+
+
+def test_bench_line_throughput() -> None:
+    line = parse_console_line("PASSIVISOR-DISK-BENCH vda write 1073741824 286 read 1048576 0")
+    assert isinstance(line, DiskBenchLine)
+    assert line.write_bytes_per_s == pytest.approx(1073741824 / 2.86)
+    assert line.read_bytes_per_s is None  # faster than the guest's clock can tell
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "PASSIVISOR-DISK-WROTE vda",  # no token
+        "PASSIVISOR-DISK-WROTE",
+        f"PASSIVISOR-DISK-WROTE {UUID_TOKEN}",  # no device
+        f"PASSIVISOR-DISK-WROTE vda {UUID_TOKEN} extra",
+        "PASSIVISOR-DISK-WROTE vda abcdefg",  # token of 7
+        "PASSIVISOR-DISK-WROTE vda " + "a" * 65,  # token of 65
+        "PASSIVISOR-DISK-MARKER vda abc_defgh",  # outside [A-Za-z0-9-]
+        "PASSIVISOR-DISK-MARKER vda abcdéfgh",
+        "PASSIVISOR-DISK-MARKER vda abcdefgh[    3.1] virtio_blk",  # spliced with a kernel message
+        f"PASSIVISOR-DISK-MARKER sda {UUID_TOKEN}",  # not a virtio disk
+        f"PASSIVISOR-DISK-MARKER vda1 {UUID_TOKEN}",
+        f"PASSIVISOR-DISK-MARKER ../vda {UUID_TOKEN}",
+        "PASSIVISOR-DISK-BENCH vda write 1 2 read 3",  # a word short
+        "PASSIVISOR-DISK-BENCH vda write 1 2 read 3 4 5",
+        "PASSIVISOR-DISK-BENCH vda read 1 2 write 3 4",  # passes swapped
+        "PASSIVISOR-DISK-BENCH vda write -1 2 read 3 4",
+        "PASSIVISOR-DISK-BENCH vda write 1 2.5 read 3 4",
+        "PASSIVISOR-DISK-BENCH vda write 1 2 read 3 0x4",
+        "PASSIVISOR-DISK-BENCH vda write 1 2 read 3 \u0664",  # a digit, but not an ASCII one
+        "PASSIVISOR-DISK-BENCH vda write 1234567890123456789 2 read 3 4",  # past 64-bit shell arithmetic
+        "PASSIVISOR-DISK-WROTEvda abcdefgh",
+    ],
+)
+def test_malformed_disk_lines_are_not_protocol_lines(line: str) -> None:
+    assert parse_console_line(line) is None
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.builds(
+            "{} {}".format,
+            st.sampled_from([s.value for s in GuestSignal]),
+            st.lists(st.one_of(st.from_regex(r"vd[a-z]{1,3}|write|read|[0-9]{1,20}", fullmatch=True), st.text())).map(
+                " ".join
+            ),
+        ),
+    )
+)
+def test_parse_console_line_is_total(line: str) -> None:
+    parsed = parse_console_line(line)  # never raises, whatever the guest or the kernel prints
+    assert parsed is None or isinstance(parsed, GuestConsoleLine)
+    if isinstance(parsed, DiskBenchLine):
+        assert parsed.words[1::3] == ("write", "read") and len(parsed.words) == 7
+
+
+@given(
+    st.sampled_from([GuestSignal.DISK_MARKER, GuestSignal.DISK_WROTE]),
+    st.from_regex(r"vd[a-z]{1,3}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9-]{8,64}", fullmatch=True),
+)
+def test_disk_token_lines_round_trip(signal: GuestSignal, device: str, token: str) -> None:
+    assert parse_console_line(f"{signal.value} {device} {token}\r\n") == DiskTokenLine(
+        signal, (device, token), device, token
+    )
+
+
+@given(st.from_regex(r"vd[a-z]{1,3}", fullmatch=True), st.lists(st.integers(0, 10**18 - 1), min_size=4, max_size=4))
+def test_disk_bench_lines_round_trip(device: str, counts: list[int]) -> None:
+    wb, wc, rb, rc = counts
+    parsed = parse_console_line(f"PASSIVISOR-DISK-BENCH {device} write {wb} {wc} read {rb} {rc}\r\n")
+    assert isinstance(parsed, DiskBenchLine)
+    assert (parsed.device, parsed.write_bytes, parsed.write_centiseconds, parsed.read_bytes) == (device, wb, wc, rb)
+    assert parsed.read_centiseconds == rc
+
+
+def test_marker_sector() -> None:
+    sector = marker_sector("abcdefgh")
+    assert sector == b"PASSIVISOR-MARKER abcdefgh\n" + bytes(512 - 27)
+    assert len(marker_sector("a" * 64)) == 512
+    for bad in ("abcdefg", "a" * 65, "abc defgh", "abcdefgh\n"):
+        with pytest.raises(ValueError):
+            marker_sector(bad)
 
 
 @pytest.mark.parametrize(
@@ -374,6 +508,203 @@ def test_init_script_is_valid_busybox_sh_and_speaks_the_protocol() -> None:
     for signal in GuestSignal:
         assert signal.value.encode() in script
     assert b'echo "PASSIVISOR-GUEST-READY"\n' in script
+
+
+def test_init_script_and_builder_agree_on_the_bench_defaults_and_mode_files() -> None:
+    script = guest.init_script().decode()
+    assert f"\nbench_mib={DEFAULT_BENCH_MIB}\n" in script
+    assert f"default {DEFAULT_BENCH_MIB}," in script
+    assert "/etc/passivisor-guest-mode" in script and "/etc/passivisor-bench-mib" in script
+    assert f"'' | 0* | *[!0-9]* | {'?' * len(str(guest.MAX_BENCH_MIB + 1))}*)" in script
+
+
+# --------------------------------------------------------------------------------------------
+# The disk functions of /init, run by the host's busybox (the guest's busybox-static) on files
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def applets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PATH of busybox applets only, as in the guest, so no host tool stands in for one."""
+    busybox = shutil.which("busybox")
+    assert busybox is not None, "busybox-static is a declared dependency (Makefile DEBIAN_PACKAGES)"
+    bin_dir = tmp_path_factory.mktemp("applets")
+    for name in subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split():
+        (bin_dir / name).symlink_to(busybox)
+    return bin_dir
+
+
+DiskShell = Callable[..., list[str]]
+
+
+@pytest.fixture
+def disk_sh(applets: Path, tmp_path: Path) -> Iterator[DiskShell]:
+    """Run a command after the block between "# BEGIN disk functions" and "# END disk functions"."""
+    script = guest.init_script().decode()
+    functions = script[script.index("# BEGIN disk functions") : script.index("# END disk functions")]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def run(command: str, prelude: str = "") -> list[str]:
+        proc = subprocess.run(
+            [str(applets / "sh"), "-c", f"{functions}\n{prelude}\n{command}"],
+            env={"PATH": str(applets), "TMPDIR": str(scratch)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert proc.stderr == ""
+        return proc.stdout.splitlines()
+
+    yield run
+    assert list(scratch.iterdir()) == []  # every job removes its scratch directory
+
+
+def test_disk_marker_writes_a_marker_on_a_blank_disk_then_finds_it(disk_sh: DiskShell, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(4096))
+    [line] = disk_sh(f"disk_marker vda {disk}")
+    wrote = parse_console_line(line)
+    assert isinstance(wrote, DiskTokenLine) and (wrote.signal, wrote.device) == (GuestSignal.DISK_WROTE, "vda")
+    uuid.UUID(wrote.token)  # a fresh token from /proc/sys/kernel/random/uuid
+    data = disk.read_bytes()
+    assert data == marker_sector(wrote.token) + bytes(4096 - 512)
+
+    assert disk_sh(f"disk_marker vdb {disk}") == [f"PASSIVISOR-DISK-MARKER vdb {wrote.token}"]
+    assert disk.read_bytes() == data  # finding a marker writes nothing
+
+
+@pytest.mark.parametrize(
+    ("sector", "token"),
+    [
+        (b"PASSIVISOR-MARKER abcdefgh\n", "abcdefgh"),
+        (b"PASSIVISOR-MARKER " + b"Az09-" * 12 + b"abcd\n", "Az09-" * 12 + "abcd"),  # 64, the longest
+        (b"PASSIVISOR-MARKER abcdefgh\nPASSIVISOR-MARKER ijklmnop\n\xff\xfe", "abcdefgh"),  # after \n: anything
+    ],
+)
+def test_disk_marker_finds_a_marker_and_leaves_the_disk_alone(
+    disk_sh: DiskShell, tmp_path: Path, sector: bytes, token: str
+) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(sector.ljust(1024, b"\xaa"))
+    assert disk_sh(f"disk_marker vdc {disk}") == [f"PASSIVISOR-DISK-MARKER vdc {token}"]
+    assert disk.read_bytes() == sector.ljust(1024, b"\xaa")
+
+
+@pytest.mark.parametrize(
+    "sector",
+    [
+        b"",
+        b"PASSIVISOR-MARKER abcdefg\n",  # token of 7
+        b"PASSIVISOR-MARKER " + b"a" * 65 + b"\n",  # token of 65
+        b"PASSIVISOR-MARKER abcdefgh",  # no newline: zero bytes follow
+        b"PASSIVISOR-MARKER abcdefgh\r\n",
+        b"PASSIVISOR-MARKER abc_defgh\n",
+        b"PASSIVISOR-MARKER  abcdefgh\n",
+        b"PASSIVISOR-MARKER\tabcdefgh\n",
+        b" PASSIVISOR-MARKER abcdefgh\n",  # not at byte 0
+        b"passivisor-marker abcdefgh\n",
+        b"PASSIVISOR-MARKER abcd\0efgh\n",
+        bytes(512) + b"PASSIVISOR-MARKER abcdefgh\n",  # in the second sector
+    ],
+    ids=lambda b: repr(b[:40]),
+)
+def test_disk_marker_overwrites_anything_that_is_not_a_marker(
+    disk_sh: DiskShell, tmp_path: Path, sector: bytes
+) -> None:
+    disk = tmp_path / "disk"
+    before = sector.ljust(2048, b"\0")
+    disk.write_bytes(before)
+    [line] = disk_sh(f"disk_marker vdd {disk}")
+    wrote = parse_console_line(line)
+    assert isinstance(wrote, DiskTokenLine) and wrote.signal is GuestSignal.DISK_WROTE
+    assert disk.read_bytes() == marker_sector(wrote.token) + before[512:]
+
+
+# Fault injection: a shell function named dd stands in for the applet where the case says, and
+# `command dd` runs the real one otherwise.
+FAIL_DIRECT_WRITES = (
+    'dd() { case "$*" in *oflag=direct*) echo "dd: write error: I/O error" >&2; return 1 ;; esac; command dd "$@"; }'
+)
+LOSE_DIRECT_WRITES = 'dd() { case "$*" in *oflag=direct*) return 0 ;; esac; command dd "$@"; }'
+
+
+@pytest.mark.parametrize(
+    ("prelude", "error"),
+    [
+        (FAIL_DIRECT_WRITES, "cannot write sector 0"),
+        (LOSE_DIRECT_WRITES, "sector 0 read back differs from what was written"),
+    ],
+)
+def test_disk_marker_reports_a_write_that_did_not_land(
+    disk_sh: DiskShell, tmp_path: Path, prelude: str, error: str
+) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(1024))
+    assert disk_sh(f"disk_marker vde {disk}", prelude) == [f"PASSIVISOR-ERROR disk vde {error}"]
+    assert disk.read_bytes() == bytes(1024)
+
+
+def test_disk_marker_reports_a_disk_it_cannot_open_or_read_and_creates_nothing(
+    disk_sh: DiskShell, tmp_path: Path
+) -> None:
+    gone, short = tmp_path / "gone", tmp_path / "short"
+    short.write_bytes(bytes(100))
+    assert disk_sh(f"disk_marker vdf {gone}; disk_marker vdg {short}") == [
+        f"PASSIVISOR-ERROR disk vdf cannot open {gone}",
+        "PASSIVISOR-ERROR disk vdg cannot read sector 0",
+    ]
+    assert not gone.exists() and short.read_bytes() == bytes(100)
+
+
+def test_disk_marker_never_creates_the_disk_it_writes(disk_sh: DiskShell, tmp_path: Path) -> None:
+    """A disk unplugged while its job runs: the writes go to the device held open, not to a new file."""
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(1024))
+    unplug = f'dd() {{ rm -f {disk}; command dd "$@"; }}'
+    [line] = disk_sh(f"disk_marker vdh {disk}", unplug)
+    assert parse_console_line(line) is not None and line.startswith("PASSIVISOR-DISK-WROTE vdh ")
+    assert not disk.exists()
+
+
+def test_disk_bench_writes_then_reads_the_first_mib_and_reports_them(disk_sh: DiskShell, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"\xff" * (3 << 20))
+    [line] = disk_sh(f"disk_bench vdb {disk} {3 << 20} 2")
+    bench = parse_console_line(line)
+    assert isinstance(bench, DiskBenchLine) and bench.device == "vdb"
+    assert (bench.write_bytes, bench.read_bytes) == (2 << 20, 2 << 20)
+    assert 0 <= bench.write_centiseconds < 6000 and 0 <= bench.read_centiseconds < 6000
+    assert disk.read_bytes() == bytes(2 << 20) + b"\xff" * (1 << 20)
+
+
+def test_disk_bench_is_limited_to_the_disk(disk_sh: DiskShell, tmp_path: Path) -> None:
+    disk, tiny = tmp_path / "disk", tmp_path / "tiny"
+    disk.write_bytes(b"\xff" * ((2 << 20) + 4096))
+    tiny.write_bytes(b"\xff" * 4096)
+    out = disk_sh(f"disk_bench vdc {disk} {(2 << 20) + 4096} 1024; disk_bench vdd {tiny} 4096 1024")
+    bench = parse_console_line(out[0])
+    assert isinstance(bench, DiskBenchLine) and (bench.write_bytes, bench.read_bytes) == (2 << 20, 2 << 20)
+    assert out[1:] == ["PASSIVISOR-ERROR disk vdd is smaller than 1 MiB"]
+    assert disk.read_bytes() == bytes(2 << 20) + b"\xff" * 4096 and tiny.read_bytes() == b"\xff" * 4096
+
+
+def test_disk_bench_reports_a_failed_pass(disk_sh: DiskShell, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(2 << 20))
+    # A pass that ends early without dd failing is caught by dd's own count of records.
+    short = (
+        'dd() { case "$*" in *oflag=direct*) echo "1+0 records in" >&2; echo "1+0 records out" >&2; return 0 ;; '
+        'esac; command dd "$@"; }'
+    )
+    [failed] = disk_sh(f"disk_bench vde {disk} {2 << 20} 2", FAIL_DIRECT_WRITES)
+    [cut_short] = disk_sh(f"disk_bench vde {disk} {2 << 20} 2", short)
+    assert failed == "PASSIVISOR-ERROR disk vde bench failed: dd: write error: I/O error"
+    assert cut_short == (
+        "PASSIVISOR-ERROR disk vde bench failed: 1+0 records in 1+0 records out 2+0 records in 2+0 records out"
+    )
+    assert parse_console_line(failed) is not None and parse_console_line(cut_short) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,3 +906,82 @@ def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert guest.default_cache_dir() == tmp_path / "home" / ".cache" / "passivisor" / "guest"
+
+
+# --------------------------------------------------------------------------------------------
+# Guest modes
+# --------------------------------------------------------------------------------------------
+
+
+def initramfs_members(image: guest.GuestImage) -> dict[str, bytes]:
+    return {str(m["name"]): m["data"] for m in parse_newc(gzip.decompress(image.initramfs.read_bytes()))}
+
+
+def test_bench_mode_is_its_own_cached_artefact_beside_the_default(tmp_path: Path, debs: dict[str, Path]) -> None:
+    default = build_guest(tmp_path, source=FakeSource(debs))
+    assert load_cached(tmp_path, mode=GuestMode.BENCH) is None
+    bench = build_guest(tmp_path, source=FakeSource(debs), mode=GuestMode.BENCH)
+    small = build_guest(tmp_path, source=FakeSource(debs), mode=GuestMode.BENCH, bench_mib=8)
+
+    assert (default.mode, default.bench_mib) == (GuestMode.MARKER, None)
+    assert (bench.mode, bench.bench_mib, small.bench_mib) == (GuestMode.BENCH, DEFAULT_BENCH_MIB, 8)
+    assert bench.kernel_sha256 == default.kernel_sha256
+    assert len({default.initramfs_sha256, bench.initramfs_sha256, small.initramfs_sha256}) == 3
+    assert bench.initramfs.is_relative_to(tmp_path / guest.VARIANTS_DIR / f"bench-{DEFAULT_BENCH_MIB}")
+    assert small.initramfs.is_relative_to(tmp_path / guest.VARIANTS_DIR / "bench-8")
+
+    members = {name: initramfs_members(image) for name, image in [("d", default), ("b", bench), ("s", small)]}
+    assert not [n for n in members["d"] if n.startswith("etc")]
+    assert members["b"]["etc/passivisor-guest-mode"] == b"bench\n"
+    assert members["b"]["etc/passivisor-bench-mib"] == f"{DEFAULT_BENCH_MIB}\n".encode()
+    assert members["s"]["etc/passivisor-bench-mib"] == b"8\n"
+    assert {n: d for n, d in members["b"].items() if not n.startswith("etc")} == members["d"]
+
+    # Building one mode evicted no other, and each is served from its cache without the network.
+    assert build_guest(tmp_path, source=OfflineSource()) == default
+    assert build_guest(tmp_path, source=OfflineSource(), mode=GuestMode.BENCH) == bench
+    assert load_cached(tmp_path, mode=GuestMode.BENCH, bench_mib=8) == small
+    marker = json.loads((tmp_path / guest.VARIANTS_DIR / "bench-8" / guest.MARKER_NAME).read_text())
+    assert (marker["mode"], marker["bench_mib"]) == ("bench", 8)
+    assert marker["recipe"] == guest.recipe_digest(GuestMode.BENCH, 8)
+
+
+def test_the_recipe_digest_depends_on_the_mode() -> None:
+    digests = {
+        guest.recipe_digest(),
+        guest.recipe_digest(GuestMode.BENCH),
+        guest.recipe_digest(GuestMode.BENCH, DEFAULT_BENCH_MIB + 1),
+    }
+    assert len(digests) == 3
+    assert guest.recipe_digest(GuestMode.BENCH) == guest.recipe_digest(GuestMode.BENCH, DEFAULT_BENCH_MIB)
+
+
+@pytest.mark.parametrize(
+    ("mode", "bench_mib"),
+    [
+        (GuestMode.MARKER, 32),
+        (GuestMode.BENCH, 0),
+        (GuestMode.BENCH, -1),
+        (GuestMode.BENCH, guest.MAX_BENCH_MIB + 1),
+        (GuestMode.BENCH, True),
+        (GuestMode.BENCH, 1.5),
+        ("bench", None),
+    ],
+)
+def test_bad_mode_options_are_refused_before_anything_is_touched(tmp_path: Path, mode: Any, bench_mib: Any) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        build_guest(tmp_path / "cache", source=OfflineSource(), mode=mode, bench_mib=bench_mib)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_builds_a_mode_and_refuses_a_bench_size_without_it(
+    tmp_path: Path, debs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = build_guest(tmp_path, source=FakeSource(debs), mode=GuestMode.BENCH, bench_mib=4)
+    monkeypatch.setattr(guest, "AptPackageSource", OfflineSource)
+    assert guest.main(["--cache", str(tmp_path), "--mode", "bench", "--bench-mib", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == image.to_json() and (printed["mode"], printed["bench_mib"]) == ("bench", 4)
+    with pytest.raises(SystemExit) as refused:
+        guest.main(["--cache", str(tmp_path), "--bench-mib", "4"])
+    assert refused.value.code == 2

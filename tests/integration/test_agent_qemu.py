@@ -5,7 +5,10 @@ built from Debian packages (controller/devhost/guest.py).  The guest reports
 on its serial console; the tests read the console log the agent keeps.
 These are the "Done when" scenarios of the host-agent issue: the lifecycle with
 a hot-plugged disk seen from inside the guest and a virtio-rng device, and a
-kill -9 of the agent that the guest survives.
+kill -9 of the agent that the guest survives.  The lifecycle test is also the
+positive control of the encrypted-volume test (issue 5): the guest's marker
+(guest_init.sh, "Marker mode") does reach a raw volume's backing file in plain
+text, and comes back when the volume is attached again.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pytest
 
 from controller.agentlink import AgentLink
 from controller.devhost import agenthost
+from controller.devhost.guest import DiskTokenLine, GuestSignal, marker_sector, parse_console_line
 from hostagent import process
 from hostagent.wire import messages as m
 
@@ -50,6 +54,17 @@ def console_line(console: Path, accept: Callable[[str], bool], timeout: float = 
 
 def disks(line: str) -> list[str] | None:
     return line.split()[1:] if line.startswith("PASSIVISOR-DISKS") else None
+
+
+def disk_token(console: Path, signal: GuestSignal, device: str, after: int) -> DiskTokenLine:
+    """The guest's DISK_MARKER or DISK_WROTE line for ``device``; fails at once on a disk ERROR line."""
+    def accept(line: str) -> bool:
+        parsed = parse_console_line(line)
+        return ((isinstance(parsed, DiskTokenLine) and parsed.signal is signal and parsed.device == device)
+                or line.startswith(f"PASSIVISOR-ERROR disk {device} "))
+    parsed = parse_console_line(console_line(console, accept, after=after, timeout=60))
+    assert isinstance(parsed, DiskTokenLine), parsed
+    return parsed
 
 
 @pytest.fixture
@@ -87,18 +102,41 @@ def test_lifecycle_with_a_hot_plugged_disk_seen_from_the_guest(host: agenthost.A
     assert "virtio" in rng, rng  # claim C13
     assert disks(console_line(console, lambda line: disks(line) is not None)) == []
 
-    with open(host.volume_dir / str(volume), "wb") as file:
+    backing = host.volume_dir / str(volume)
+    with open(backing, "wb") as file:
         file.truncate(8 << 20)
     mark = console.stat().st_size
     attached = link.request(m.AttachVolume(iid, volume, m.VolumeSource.FILE, False))
     assert attached == m.VolumeStatus(iid, volume, m.VolumeState.ATTACHED)
     console_line(console, lambda line: disks(line) == ["vda"], after=mark, timeout=60)
+    # The volume is all zeros, so the guest writes a marker with a fresh token and reads it back.
+    wrote = disk_token(console, GuestSignal.DISK_WROTE, "vda", after=mark)
     described = link.request(m.DescribeInstance(iid))
     assert isinstance(described, m.InstanceInfo) and described.volumes == (volume,)
 
     mark = console.stat().st_size
     assert link.request(m.DetachVolume(iid, volume)) == m.VolumeStatus(iid, volume, m.VolumeState.DETACHED)
     console_line(console, lambda line: disks(line) == [], after=mark, timeout=60)
+    # Positive control of the encrypted-volume test's scan: a plain raw volume does show the
+    # guest's marker in its backing file, in plain text, at byte 0, and nowhere else.
+    data = backing.read_bytes()
+    needle = b"PASSIVISOR-MARKER " + wrote.token.encode() + b"\n"
+    assert data.find(needle) == 0 and data.count(b"PASSIVISOR-MARKER") == 1
+    assert data[:512] == marker_sector(wrote.token) and data[512:] == bytes(len(data) - 512)
+
+    # Attached again (a new appearance to the guest), the volume is read, not written: same token.
+    mark = console.stat().st_size
+    attached = link.request(m.AttachVolume(iid, volume, m.VolumeSource.FILE, False))
+    assert attached == m.VolumeStatus(iid, volume, m.VolumeState.ATTACHED)
+    found = disk_token(console, GuestSignal.DISK_MARKER, "vda", after=mark)
+    assert found.token == wrote.token
+    mark = console.stat().st_size
+    assert link.request(m.DetachVolume(iid, volume)) == m.VolumeStatus(iid, volume, m.VolumeState.DETACHED)
+    console_line(console, lambda line: disks(line) == [], after=mark, timeout=60)
+    assert backing.read_bytes() == data
+    log = console.read_text(errors="replace")
+    assert "PASSIVISOR-ERROR disk" not in log, log
+    assert log.count("PASSIVISOR-DISK-WROTE") == 1 and log.count("PASSIVISOR-DISK-MARKER") == 1, log
 
     stopped = link.request(m.StopInstance(iid, m.StopMode.GRACEFUL, 30))
     assert isinstance(stopped, m.InstanceInfo) and stopped.state is m.InstanceState.STOPPED
@@ -107,7 +145,7 @@ def test_lifecycle_with_a_hot_plugged_disk_seen_from_the_guest(host: agenthost.A
     assert isinstance(events, m.Events)
     assert [e.kind for e in events.events if e.instance_id == iid] == [
         m.EventKind.INSTANCE_STARTED, m.EventKind.VOLUME_ATTACHED, m.EventKind.VOLUME_DETACHED,
-        m.EventKind.INSTANCE_STOPPED]
+        m.EventKind.VOLUME_ATTACHED, m.EventKind.VOLUME_DETACHED, m.EventKind.INSTANCE_STOPPED]
     assert find_qemu(host) == []
 
 
