@@ -4,10 +4,14 @@ Part 1 walks through the wire codec.  Part 2 brings up a development host in
 ``.demo/`` with ``pvctl dev up`` (PKI, the sandboxed ``passivisor-agent``,
 ``passivisor-controller``) and runs a scenario with ``pvctl``, each call over
 mTLS with the certificate of the role whose job it is: start an instance from
-a signed image and watch the guest boot on its serial console, attach a volume
-and see the guest list it, ask for an SR-IOV VF (this host has none: a clear
-FAILED_PRECONDITION), detach, stop, read and verify the audit chain, pull the
-events, and shut everything down with ``pvctl dev down``.  With
+a signed image and watch the guest boot on its serial console; make an
+encrypted volume whose data key is wrapped to the host's identity key, see an
+envelope bound to another instance refused, attach the volume and watch the
+guest write a marker to it, detach and check that the file holds no plain
+text, attach again and watch the guest read the marker back; ask for an
+SR-IOV VF (this host has none: a clear FAILED_PRECONDITION), stop, read and
+verify the audit chain, pull the events, and shut everything down with
+``pvctl dev down``.  With
 ``--backend sim`` the VM is simulated and the guest-side checks are skipped,
 which the output says.
 """
@@ -33,11 +37,12 @@ def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def _wait_for_console(console: Path, accept: Callable[[str], bool], timeout: float) -> str:
+def _wait_for_console(console: Path, accept: Callable[[str], bool], timeout: float, after: int = 0) -> str:
+    """The newest console line (from byte ``after`` on) that ``accept`` takes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if console.exists():
-            for line in reversed(console.read_text(errors="replace").splitlines()):
+            for line in reversed(console.read_bytes()[after:].decode(errors="replace").splitlines()):
                 if accept(line.strip()):
                     return line.strip()
         time.sleep(0.2)
@@ -84,15 +89,30 @@ def scenario(backend: str, directory: Path) -> None:
         else:
             print("  (sim backend: no guest to watch)")
 
-        _step("the volume-attacher hot-plugs a raw 16 MiB volume")
+        _step("the volume-attacher makes an encrypted volume and wraps its data key to this host's identity key")
         volume = str(uuid.uuid4())
-        with open(Path(dev["volume_dir"]) / volume, "wb") as file:
-            file.truncate(16 << 20)
-        pvctl(directory, *dev_args, "attach", iid, volume)
+        volume_file = Path(dev["encrypted_volume_dir"]) / volume
+        envelope_file = directory / f"{volume}.envelope"
+        key_file = directory / f"{volume}.key"  # the control plane's copy, to re-wrap the key below
+        pvctl(directory, *dev_args, "volume", "create", "--volume-id", volume, "--instance-id", iid,
+              "--size", "16M", "--out", str(volume_file), "--envelope-out", str(envelope_file),
+              "--key-out", str(key_file))
+
+        _step("an envelope wrapped for another instance is refused: the key is bound to instance and volume")
+        stray = directory / f"{volume}.other-instance.envelope"
+        pvctl(directory, *dev_args, "volume", "wrap", "--key-file", str(key_file), "--volume-id", volume,
+              "--instance-id", str(uuid.uuid4()), "--envelope-out", str(stray))
+        pvctl(directory, *dev_args, "attach", iid, volume, "--envelope-file", str(stray), check=False)
+
+        _step("attach it: the controller unwraps the key and serves the volume decrypted over a socketpair")
+        pvctl(directory, *dev_args, "attach", iid, volume, "--envelope-file", str(envelope_file))
+        marker = None
         if guest:
             print("  guest:", _wait_for_console(console, lambda line: line.startswith("PASSIVISOR-DISKS")
                                                 and "vda" in _disks(line), 60), "(seen from inside the guest)")
-
+            wrote = _wait_for_console(console, lambda line: line.startswith("PASSIVISOR-DISK-WROTE vda "), 60)
+            marker = wrote.split()[-1]
+            print("  guest:", wrote, "(the guest wrote a marker to its disk)")
         _step("the network-manager asks for an SR-IOV VF: this host has none, a typed refusal")
         pvctl(directory, *dev_args, "assign-vf", iid, "--pf", "0000:3b:00.0", "--mac", "02:00:00:00:00:01",
               check=False)
@@ -100,11 +120,25 @@ def scenario(backend: str, directory: Path) -> None:
         _step("least privilege: the telemetry role may not stop instances")
         pvctl(directory, *dev_args, "--role", "telemetry", "stop", iid, "--force", check=False)
 
-        _step("detach and stop")
+        _step("detach: the encryption process ends and the key is wiped; the file holds only ciphertext")
         pvctl(directory, *dev_args, "detach", iid, volume)
         if guest:
             print("  guest:", _wait_for_console(console, lambda line: line.startswith("PASSIVISOR-DISKS")
                                                 and "vda" not in _disks(line), 60), "(the disk is gone)")
+        if marker is not None:
+            found = marker.encode() in volume_file.read_bytes()
+            print(f"  the marker {'IS' if found else 'is not'} in the volume file {volume_file.name} in plain text")
+            if found:
+                raise SystemExit("demo: the encrypted volume holds the guest's data in plain text")
+
+            _step("attach again: the guest reads its marker back through the encrypted path")
+            offset = console.stat().st_size
+            pvctl(directory, *dev_args, "attach", iid, volume, "--envelope-file", str(envelope_file))
+            print("  guest:", _wait_for_console(console, lambda line: line == f"PASSIVISOR-DISK-MARKER vda {marker}",
+                                                60, after=offset), "(read back)")
+            pvctl(directory, *dev_args, "detach", iid, volume)
+
+        _step("stop")
         pvctl(directory, *dev_args, "stop", iid, "--timeout", "30")
 
         _step("pulled, never pushed: events, and the audit log with its hash chain verified")

@@ -18,6 +18,7 @@ def test_the_demo_runs_end_to_end_and_cleans_up(tmp_path: Path, capsys: pytest.C
     assert "ATTACHED" in out and "DETACHED" in out
     assert "pvctl: FAILED_PRECONDITION: agent refused: PF_NOT_FOUND" in out
     assert "pvctl: PERMISSION_DENIED: StopInstance is not granted to spiffe://controlplane/telemetry" in out
+    assert "pvctl: PERMISSION_DENIED: envelope refused: instance_id: bound to another instance" in out
     assert "audit chain OK:" in out
     assert out.rstrip().endswith("demo: done")
     assert not (directory / "dev.json").exists()
