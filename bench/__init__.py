@@ -24,4 +24,5 @@ BENCHMARKS: dict[str, Benchmark] = {
     "wire": Benchmark("bench.wire", "agent-channel codec: decode/encode of every message vs hand-written struct code"),
     "agent": Benchmark("bench.agent", "authenticated PING through the agent vs a raw Unix-socket echo; start-to-ready"),
     "controller": Benchmark("bench.controller", "audited Describe vs bare mTLS call; Start/Stop ops/s, fsync on/off"),
+    "volume": Benchmark("bench.volume", "sequential write/read inside a guest: encrypted volume vs plain raw file"),
 }

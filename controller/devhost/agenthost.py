@@ -56,8 +56,13 @@ class AgentHost:
 def prepare(directory: Path, *, backend: str = "sim", sysfs_root: Path = Path("/sys"),
             reserved_cpus: tuple[int, ...] = (), memory_budget_mib: int = 4096, accel: str = "tcg",
             seccomp: bool = True, idle_timeout_s: float = 300.0, frame_timeout_s: float = 2.0,
-            handshake_timeout_s: float = 2.0, qemu_user: str | None = QEMU_USER) -> AgentHost:
-    """``qemu_user``: the ``[qemu] user`` to configure, if that user exists and the agent will be root."""
+            handshake_timeout_s: float = 2.0, qemu_user: str | None = QEMU_USER, guest_mode: str = "marker",
+            bench_mib: int | None = None) -> AgentHost:
+    """``qemu_user``: the ``[qemu] user`` to configure, if that user exists and the agent will be root.
+
+    ``guest_mode`` and ``bench_mib`` (qemu backend) choose the development guest's image
+    (``controller.devhost.guest.GuestMode``: "marker", the default, or "bench").
+    """
     directory = directory.absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys, images = directory / "keys", directory / "images"
@@ -74,9 +79,9 @@ def prepare(directory: Path, *, backend: str = "sim", sysfs_root: Path = Path("/
     if not private.exists():
         generate_signing_key(private, public)
     if backend == "qemu":
-        from .guest import build_guest
+        from .guest import GuestMode, build_guest
 
-        guest = build_guest()
+        guest = build_guest(mode=GuestMode(guest_mode), bench_mib=bench_mib)
         image = publish(images, guest.kernel, guest.initramfs, guest.cmdline, load_private_key(private))
     else:
         image = publish(images, b"sim kernel\n", b"sim initrd\n", SIM_CMDLINE, load_private_key(private))
