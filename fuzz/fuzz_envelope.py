@@ -201,19 +201,6 @@ def dictionary() -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_seeds() -> None:
-    """Write fuzz/corpus/fuzz_envelope/ (exactly the seeds, named by SHA-1) and fuzz/fuzz_envelope.dict."""
-    corpus = FUZZ / "corpus" / "fuzz_envelope"
-    corpus.mkdir(parents=True, exist_ok=True)
-    wanted = {hashlib.sha1(data, usedforsecurity=False).hexdigest(): data for data in seeds()}
-    for old in corpus.iterdir():
-        if old.name not in wanted:
-            old.unlink()
-    for name, data in wanted.items():
-        (corpus / name).write_bytes(data)
-    (FUZZ / "fuzz_envelope.dict").write_text(dictionary())
-
-
 def main() -> None:
     fuzz(TestOneInput)
 

@@ -18,7 +18,9 @@ Sources:
 - the ``hex`` of every test vector in tests/vectors/wire/{valid,invalid}/*.json
   (the directory may still be empty);
 - for fuzz_stream, the same bytes behind a configuration prefix (see
-  ``fuzz_stream.make_input``) and a few multi-frame streams.
+  ``fuzz_stream.make_input``) and a few multi-frame streams;
+- for fuzz_envelope, ``fuzz_envelope.seeds()`` and its own dictionary (the
+  envelope is not a wire frame).
 
 Both whole-frame targets get every frame and vector of both directions: a
 frame travelling the other way is a rejection path too.  The dictionaries
@@ -40,7 +42,7 @@ from hostagent import wire
 from hostagent.wire import messages as m
 from hostagent.wire.schema import MESSAGES
 
-from . import fuzz_stream
+from . import fuzz_envelope, fuzz_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
@@ -155,7 +157,8 @@ def seeds() -> dict[str, list[bytes]]:
         make(wire.Direction.TO_CONTROLLER, [m.HEADER_SIZE, fuzz_stream.WHOLE],
              _raw_header(m.MessageType.EVENTS, m.MAX_PAYLOAD) + bytes(m.MAX_FRAME + 8), tight=True),
     ]
-    return {"fuzz_to_agent": every, "fuzz_to_controller": every, "fuzz_stream": stream}
+    return {"fuzz_to_agent": every, "fuzz_to_controller": every, "fuzz_stream": stream,
+            "fuzz_envelope": fuzz_envelope.seeds()}
 
 
 def _entry(value: bytes) -> str:
@@ -169,6 +172,8 @@ def _be(value: int, width: int) -> bytes:
 
 def dictionary(target: str) -> str:
     """The libFuzzer dictionary of ``target``: protocol tokens and boundary values, all big-endian."""
+    if target == "fuzz_envelope":  # not a wire frame: the envelope target keeps its own tokens
+        return fuzz_envelope.dictionary()
     directions = {
         "fuzz_to_agent": (wire.Direction.TO_AGENT,),
         "fuzz_to_controller": (wire.Direction.TO_CONTROLLER,),

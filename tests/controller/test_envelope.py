@@ -580,7 +580,7 @@ def test_the_fuzz_seeds_and_dictionary_are_up_to_date() -> None:
     target = pytest.importorskip("fuzz.fuzz_envelope")
     corpus = ROOT / "fuzz" / "corpus" / "fuzz_envelope"
     expected = {hashlib.sha1(data, usedforsecurity=False).hexdigest() for data in target.seeds()}
-    assert {path.name for path in corpus.iterdir()} == expected, "run fuzz.fuzz_envelope.write_seeds()"
+    assert {path.name for path in corpus.iterdir()} == expected, "run python -m fuzz.seed"
     assert (ROOT / "fuzz" / "fuzz_envelope.dict").read_text() == target.dictionary()
     assert target.KNOWN_ANSWER == KNOWN_ANSWER  # the seed that opens under the target's fixed key
 
