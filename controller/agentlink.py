@@ -47,10 +47,11 @@ ANSWERS: dict[type, tuple[type, ...]] = {
 class AgentLinkError(Exception):
     """The link is unusable.  ``anomaly`` marks behaviour no honest agent shows."""
 
-    def __init__(self, detail: str, *, anomaly: bool = False) -> None:
+    def __init__(self, detail: str, *, anomaly: bool = False, timed_out: bool = False) -> None:
         super().__init__(detail)
         self.detail = detail
         self.anomaly = anomaly
+        self.timed_out = timed_out  # the caller's deadline passed before the agent answered
 
 
 class AgentLink:
@@ -151,7 +152,7 @@ class AgentLink:
         except wire.FrameError as exc:
             raise AgentLinkError(f"malformed frame from the agent: {exc.kind.value}", anomaly=True) from None
         except TimeoutError:
-            raise AgentLinkError("agent did not answer in time") from None
+            raise AgentLinkError("agent did not answer in time", timed_out=True) from None
         except OSError as exc:
             raise AgentLinkError(f"agent link broken while reading: {exc.strerror or exc}") from None
         return frame

@@ -137,7 +137,7 @@ class AgentConnection:
                 answer = link.request(message, fds)
             except AgentLinkError as exc:
                 self._broken(exc)
-                if "in time" in exc.detail:
+                if exc.timed_out:
                     raise ControllerError(Code.DEADLINE_EXCEEDED, "the agent did not answer in time") from None
                 raise ControllerError(Code.UNAVAILABLE, f"agent link broken: {exc.detail}") from None
         if isinstance(answer, m.Error):
@@ -173,6 +173,12 @@ class AgentConnection:
             self._link.close()
             self._link = None
         self.stats.failures += 1
+        if exc.timed_out and not exc.anomaly:
+            # One caller's deadline passed: the link is closed (a late answer must never be read as the
+            # answer to the next command) but nothing says the agent is unwell, so the next caller
+            # reconnects at once instead of being refused for a backoff another caller's deadline caused.
+            self._state = LinkState.DOWN if self._state is not LinkState.ANOMALY else self._state
+            return
         self._next_attempt = time.monotonic() + self._delay
         self._delay = min(self._delay * 2, self._max_backoff_s)
         if exc.anomaly:

@@ -58,6 +58,7 @@ log = logging.getLogger("passivisor.controller")
 SERVICE = "passivisor.v1.HostController"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}
+MAX_VIOLATIONS_SHOWN = 20  # field violations sent back with INVALID_ARGUMENT; the rest are counted
 
 REQUESTS: dict[pol.Method, type[Any]] = {
     pol.Method.START_INSTANCE: pb.StartInstanceRequest,
@@ -439,15 +440,21 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         is also sent as plain ``retry-after-ms`` for simple clients.
         """
         status = grpc.StatusCode[exc.code.value]
-        details = encode_status(status.value[0], exc.detail, [(v.field, v.description) for v in exc.violations],
+        violations = list(exc.violations[:MAX_VIOLATIONS_SHOWN])
+        if len(exc.violations) > MAX_VIOLATIONS_SHOWN:
+            # A request can break thousands of rules (one per unknown field); every shown violation costs
+            # trailer bytes, and past a few KiB the client drops the whole answer.  The first ones and a count.
+            violations.append(Violation("(request)", f"{len(exc.violations) - MAX_VIOLATIONS_SHOWN} more "
+                                                     "violations not shown"))
+        details = encode_status(status.value[0], exc.detail, [(v.field, v.description) for v in violations],
                                 exc.retry_after_ms)
         metadata: list[tuple[str, str | bytes]] = [(STATUS_DETAILS_KEY, details)]
         if exc.retry_after_ms is not None:
             metadata.append(("retry-after-ms", str(exc.retry_after_ms)))
         context.set_trailing_metadata(tuple(metadata))
         text = exc.detail
-        if exc.violations:
-            text += ": " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
+        if violations:
+            text += ": " + "; ".join(f"{v.field}: {v.description}" for v in violations)
         context.abort(status, text)
         raise AssertionError("grpc's abort returned")  # it raises; this line is never reached
 

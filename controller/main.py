@@ -25,7 +25,7 @@ from hostagent.config import ConfigError
 from . import identity
 from . import policy as pol
 from .app import AgentConnection
-from .audit import CONTROLLER_PRINCIPAL, AuditLog, AuditLogError, CheckpointSigner, Decision, Outcome
+from .audit import CONTROLLER_PRINCIPAL, AuditError, AuditLog, CheckpointSigner, Decision, Outcome
 from .config import ControllerConfig
 from .config import load as load_config
 from .encrypted_attach import EncryptedAttach
@@ -57,7 +57,7 @@ def build(config: ControllerConfig) -> tuple[object, int, list[object]]:
         # Adopts the encryption servers a previous controller process left serving running guests.
         volumes = EncryptedVolumes(config.encrypted_volume_dir, config.state_dir, nbdkit=config.nbdkit,
                                    qemu_img=config.qemu_img)
-    except (ChannelError, identity.KeyFileError, AuditLogError, StoreError, pol.PolicyError, VolumeServerError,
+    except (ChannelError, identity.KeyFileError, AuditError, StoreError, pol.PolicyError, VolumeServerError,
             OSError) as exc:
         raise StartupError(str(exc)) from None
 

@@ -114,8 +114,9 @@ def test_a_healthy_agent_answers_on_one_link(agent: ScriptedAgent) -> None:
     link.close()
 
 
-def test_the_callers_deadline_bounds_the_agent_hop(agent: ScriptedAgent) -> None:
-    link = connection(agent)
+def test_the_callers_deadline_bounds_the_agent_hop_and_does_not_penalise_the_next_caller(
+        agent: ScriptedAgent) -> None:
+    link = AgentConnection(agent.path, SECRET, backoff_s=30.0, max_backoff_s=30.0)
     link.request(m.Ping(1), timeout=2.0)  # connected with a generous timeout first
     agent.script = stay_silent
     started = time.monotonic()
@@ -125,6 +126,11 @@ def test_the_callers_deadline_bounds_the_agent_hop(agent: ScriptedAgent) -> None
     assert info.value.code is Code.DEADLINE_EXCEEDED
     assert elapsed < 1.5, f"a 0.3 s deadline took {elapsed:.2f} s"
     assert link.state is LinkState.DOWN  # the answer may still come: that link is never reused
+    # One caller's deadline says nothing about the agent's health: the next caller is not refused for a
+    # backoff (30 s here) but served on a fresh, authenticated session once the agent answers again.
+    agent.script = answer_pong
+    assert link.request(m.Ping(3), timeout=10.0) == m.Pong(3)
+    assert link.state is LinkState.UP and agent.connections == 2
     link.close()
 
 
