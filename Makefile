@@ -66,6 +66,19 @@ demo: deps
 fuzz: deps
 	$(PY) -m fuzz --seconds 60
 
+# The long campaign (docs/reliability.md, "Long campaigns"): every fuzz target for FUZZ_LONG_SECONDS each,
+# then every test file that uses hypothesis under the long profile (20x the examples, tests/conftest.py).
+# Both parts run even if the first finds something; the status is non-zero if either did.  The pytest
+# timeout is raised from 300 s: a property test with 1000 examples may legitimately take longer.
+FUZZ_LONG_SECONDS ?= 600
+PROPERTY_TESTS = $(shell grep -rlE --include='test_*.py' '^(from|import) hypothesis' tests | sort)
+
+fuzz-long: deps
+	@status=0; \
+	$(PY) -m fuzz --seconds $(FUZZ_LONG_SECONDS) || status=1; \
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q --timeout=3600 --durations=20 $(PROPERTY_TESTS) || status=1; \
+	exit $$status
+
 bench: deps
 	$(PY) -m bench
 
