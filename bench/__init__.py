@@ -25,4 +25,6 @@ BENCHMARKS: dict[str, Benchmark] = {
     "agent": Benchmark("bench.agent", "authenticated PING through the agent vs a raw Unix-socket echo; start-to-ready"),
     "controller": Benchmark("bench.controller", "audited Describe vs bare mTLS call; Start/Stop ops/s, fsync on/off"),
     "volume": Benchmark("bench.volume", "sequential write/read inside a guest: encrypted volume vs plain raw file"),
+    "load": Benchmark("bench.load", "64 mixed-role clients under the shipped rate limits (sim), then a qemu lifecycle "
+                                    "loop: latency vs one client, RSS at end vs start"),
 }
