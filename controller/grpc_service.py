@@ -274,6 +274,8 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         timeout = context.time_remaining()
         timeout = self.default_timeout_s if timeout is None else timeout
         if timeout <= 0:
+            # Authorized and valid, but too late to start: recorded as allowed, with the outcome it got.
+            self._record(principal, name, summary, Decision.ALLOWED, Outcome.DEADLINE_EXCEEDED)
             raise ControllerError(Code.DEADLINE_EXCEEDED, "the deadline passed before the call started")
         if not mutating:
             try:

@@ -46,14 +46,15 @@ class StartupError(Exception):
 def build(config: ControllerConfig) -> tuple[object, int, list[object]]:
     config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        # Every input is read before any state is opened, so a start refused for a bad input changes nothing.
         secret = load_secret(config.channel_secret_file)
+        policy = pol.load(config.policy) if config.policy is not None else pol.load_default()
+        ca, cert, key = config.ca.read_bytes(), config.certificate.read_bytes(), config.key.read_bytes()
         host = identity.load_or_create(config.state_dir / "host.x25519")
         signer = CheckpointSigner.for_host(host)  # the host identity's Ed25519 key signs the audit checkpoints
         (config.state_dir / "audit").mkdir(mode=0o700, exist_ok=True)
         audit = AuditLog(config.state_dir / "audit", signer)
         tokens = IdempotencyStore(config.state_dir)
-        policy = pol.load(config.policy) if config.policy is not None else pol.load_default()
-        ca, cert, key = config.ca.read_bytes(), config.certificate.read_bytes(), config.key.read_bytes()
         # Adopts the encryption servers a previous controller process left serving running guests.
         volumes = EncryptedVolumes(config.encrypted_volume_dir, config.state_dir, nbdkit=config.nbdkit,
                                    qemu_img=config.qemu_img)
