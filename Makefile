@@ -12,7 +12,7 @@ DEBIAN_PACKAGES := qemu-system-x86 qemu-utils nbdkit strace busybox-static cpio
 # The unprivileged system user QEMU runs as (claim C15).
 QEMU_USER := passivisor-qemu
 
-.PHONY: deps debian test lint typecheck demo fuzz fuzz-long bench docs clean
+.PHONY: deps debian test lint typecheck demo fuzz fuzz-long faults-long bench docs clean
 
 deps: debian $(STAMP) $(BUF)
 
@@ -78,6 +78,10 @@ fuzz-long: deps
 	$(PY) -m fuzz --seconds $(FUZZ_LONG_SECONDS) || status=1; \
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q --timeout=3600 --durations=20 $(PROPERTY_TESTS) || status=1; \
 	exit $$status
+
+# Every hit of every kill point of tests/faults/points.py over the long sequences (docs/reliability.md, §1).
+faults-long: deps
+	PASSIVISOR_FAULTS=long $(PY) -m pytest tests/faults -k every_kill_point -q -s
 
 bench: deps
 	$(PY) -m bench

@@ -17,6 +17,13 @@ goes through three steps, each with its own failure class:
    and the other end goes to the agent with ATTACH_VOLUME (source
    NBD_SOCKET, one descriptor by SCM_RIGHTS).  The agent gives it to QEMU.
    If the agent refuses, the encryption process is ended and the key wiped.
+   If the outcome is unknown (the link broke or timed out), it is left to
+   end by itself once nobody holds its client end (``UNKNOWN_OUTCOME``).  A
+   retry that finds the volume still served for the same instance asks the
+   agent (DESCRIBE_INSTANCE): if the agent has it, the answer is
+   ALREADY_EXISTS, like any repeated attach; if not (the agent died before
+   attaching it, and its recovery unplugged it), the old server is ended
+   and the volume served anew.
 3. :meth:`EncryptedAttach.detached` and :meth:`instance_stopped`, after the
    agent confirmed a detach or a stop: the encryption process ends and the
    key is wiped.  (An encryption process whose client went away on its own,
@@ -60,6 +67,13 @@ ENVELOPE_CODES: dict[env.EnvelopeErrorKind, Code] = {
 
 AgentRequest = Callable[[m.Message, float, tuple[int, ...]], m.Message]
 
+# The agent link broke or timed out after the socket may have left: the agent may have attached the volume
+# (and its VMM hold the socket) or not.  The encryption process is then left to end by itself: it sees
+# end-of-file as soon as no process holds the other end of its socket, which is at once if the agent never
+# attached it, and only when the volume is detached if it did.  Ending it here would cut the disk of a
+# guest whose attach did happen (found by tests/faults: agent killed after journaling the attach).
+UNKNOWN_OUTCOME = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED})
+
 
 def _envelope_error(exc: env.EnvelopeError) -> ControllerError:
     code = ENVELOPE_CODES[exc.kind]
@@ -102,8 +116,17 @@ class EncryptedAttach:
                timeout: float) -> m.Message:
         """Open, serve, hand the socket to the agent; undo everything if any step fails."""
         with self._lock:
-            if any(a.volume_id == command.volume_id for a in self._volumes.attachments()):
-                raise ControllerError(Code.ALREADY_EXISTS, "the volume is already attached")
+            for served in self._volumes.attachments():
+                if served.volume_id != command.volume_id:
+                    continue
+                if served.instance_id != command.instance_id or self._agent_has(command, request, timeout):
+                    raise ControllerError(Code.ALREADY_EXISTS, "the volume is already attached")
+                # Left serving by an attach whose outcome was unknown, and the agent does not have it: the
+                # agent died before attaching it (and its recovery undid the plug).  End it, serve anew.
+                try:
+                    self._volumes.release(served.instance_id, served.volume_id)
+                except VolumeServerError as exc:
+                    raise _server_error(exc) from None
             try:
                 key = env.open_envelope(envelope, self._identity.exchange, self._identity.public_bytes)
             except env.EnvelopeError as exc:
@@ -115,12 +138,27 @@ class EncryptedAttach:
                 raise _server_error(exc) from None
             try:
                 answer = request(command, timeout, (agent_end,))
+            except ControllerError as exc:
+                if exc.code not in UNKNOWN_OUTCOME:
+                    self._volumes.release(attachment.instance_id, attachment.volume_id)
+                raise
             except BaseException:
                 self._volumes.release(attachment.instance_id, attachment.volume_id)
                 raise
             finally:
                 os.close(agent_end)
             return answer
+
+    @staticmethod
+    def _agent_has(command: m.AttachVolume, request: AgentRequest, timeout: float) -> bool:
+        """Whether the agent lists the volume on the instance (UNAVAILABLE and the like propagate)."""
+        try:
+            info = request(m.DescribeInstance(command.instance_id), timeout, ())
+        except ControllerError as exc:
+            if exc.agent_code is None:
+                raise  # no answer: the client retries later
+            return False  # the agent answered (UNKNOWN_INSTANCE...): it does not have the volume
+        return isinstance(info, m.InstanceInfo) and command.volume_id in info.volumes
 
     def detached(self, instance_id: uuid.UUID, volume_id: uuid.UUID) -> None:
         """The agent confirmed the volume is not attached: end its server (if it is encrypted), wipe the key."""

@@ -22,6 +22,7 @@ Contract:
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,22 @@ def volume_device_id(volume_id: uuid.UUID) -> str:
 def vf_device_id(vf: PciAddress) -> str:
     """The VMM device id of an assigned VF."""
     return f"vf-{vf.domain:04x}-{vf.bus:02x}-{vf.device:02x}-{vf.function:x}"
+
+
+_VOLUME_DEVICE = re.compile(r"vol-([0-9a-f]{32})")
+_VF_DEVICE = re.compile(r"vf-([0-9a-f]{4})-([0-9a-f]{2})-([0-9a-f]{2})-([0-7])")
+
+
+def device_of(device_id: str) -> uuid.UUID | PciAddress:
+    """What a device id of :func:`volume_device_id` or :func:`vf_device_id` names; ValueError for anything else.
+
+    Recovery uses it to unplug a device that the VMM reports and the journal does not list.
+    """
+    if found := _VOLUME_DEVICE.fullmatch(device_id):
+        return uuid.UUID(hex=found.group(1))
+    if found := _VF_DEVICE.fullmatch(device_id):
+        return PciAddress(*(int(group, 16) for group in found.groups()))
+    raise ValueError(f"not a managed device id: {device_id[:64]!r}")
 
 
 class BackendFailure(enum.Enum):

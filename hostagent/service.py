@@ -22,7 +22,9 @@ controller to pull (claim C5).
 
 ``recover`` runs once at start-up: it adopts VMs that a previous agent
 process left running (live update), finishes interrupted starts and stops,
-and reports what it could not reconcile as RECONCILE_MISMATCH events.
+brings each adopted VM's devices back to the journal (a device command that
+was never answered is undone or finished, see ``_reconcile_devices``), and
+reports what it could not reconcile as RECONCILE_MISMATCH events.
 
 Domain errors become wire error codes in exactly one place: ``_error_code``.
 """
@@ -48,6 +50,7 @@ from .backend import (
     VmBackend,
     VmHandle,
     VolumeSpec,
+    device_of,
     vf_device_id,
     volume_device_id,
 )
@@ -400,8 +403,10 @@ class AgentService:
             report.ended.append(iid)
             return
         self._running[iid] = _Running(handle)
-        expected = {volume_device_id(v.volume_id) for v in instance.volumes}
-        expected |= {vf_device_id(v.vf) for v in instance.vfs}
+        if instance.state is m.InstanceState.RUNNING:
+            await self._reconcile_devices(instance, handle)
+        expected = {volume_device_id(v.volume_id) for v in self.state.get(iid).volumes}
+        expected |= {vf_device_id(v.vf) for v in self.state.get(iid).vfs}
         actual = set(handle.record.devices)
         if expected != actual:
             report.mismatches.append(f"{iid}: journal has {sorted(expected)}, VMM has {sorted(actual)}")
@@ -413,6 +418,48 @@ class AgentService:
             return
         report.adopted.append(iid)
         self._watch(iid, handle)
+
+    async def _reconcile_devices(self, instance: Instance, handle: VmHandle) -> None:
+        """Bring the devices of an adopted, running VM back to what the journal says (claims C10, C12).
+
+        Every device command changes the VMM (and, for a VF, sysfs) first and journals after, and the
+        journal is written before the answer.  So the journal holds every acknowledged device change,
+        and the VMM can be ahead of it only by the one command that was running when the previous agent
+        died, which was never acknowledged.  A device the VMM has and the journal does not was being
+        attached: it is unplugged, and a VF given back to its host driver, so that the controller's
+        retry attaches it again.  A device the journal lists and the VMM no longer has was being
+        detached: the detach is finished (a VF is also given back to its host driver and to the pool),
+        so the retry is refused as not attached, like any repeated detach.  A device that cannot be
+        unplugged stays, and the caller reports the difference as a mismatch.
+        """
+        iid = instance.instance_id
+        volumes = {volume_device_id(v.volume_id): v for v in instance.volumes}
+        vfs = {vf_device_id(v.vf): v for v in instance.vfs}
+        for device in sorted(set(handle.record.devices) - volumes.keys() - vfs.keys()):
+            try:
+                target = device_of(device)
+                if isinstance(target, uuid.UUID):
+                    await self.backend.detach_volume(handle, target)
+                else:
+                    await self.backend.detach_vf(handle, target)
+                    self.vf_binder.unbind_vfio(target)
+            except (ValueError, BackendError, sriov.SriovError) as exc:
+                log.warning("instance %s: cannot unplug %s, which the journal does not list: %s", iid, device, exc)
+            else:
+                log.warning("instance %s: unplugged %s, attached by a command that was never answered", iid, device)
+        actual = set(handle.record.devices)
+        for device, volume in volumes.items():
+            if device not in actual:
+                self.state.detach(iid, volume.volume_id, handle.record)
+                log.warning("instance %s: finished the detach of %s, never answered", iid, device)
+        for device, vf in vfs.items():
+            if device not in actual:
+                with contextlib.suppress(sriov.SriovError):
+                    self.vf_binder.unbind_vfio(vf.vf)
+                with contextlib.suppress(sriov.SriovError):
+                    self.vf_pool.release(iid, vf.vf)
+                self.state.release(iid, vf.vf, handle.record)
+                log.warning("instance %s: finished the release of %s, never answered", iid, device)
 
     async def detach(self) -> None:
         """Let go of every VM without stopping it (the agent is being restarted or upgraded)."""
