@@ -1,8 +1,8 @@
 """Encrypted volumes through the whole controller, with real nbdkit, qemu-img and mTLS (issue 5, claim C8).
 
-A real controller process and a real agent (sim backend: the VM is a
-process that holds the NBD socket the way QEMU does; the guest side is in
-test_encrypted_volume_qemu.py).  The control plane's side is played here:
+A real controller process and a real agent (sim backend: the agent itself
+keeps the NBD socket for the simulated VM while the volume is attached; the
+guest side is in test_encrypted_volume_qemu.py).  The control plane's side is played here:
 it fetches the host key with GetHostIdentity, makes a LUKS volume with a
 data key it knows, wraps the key with ``controller.envelope.wrap`` and
 sends AttachVolume.  Every refusal is checked three ways: the status code,
