@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 # One wipe for every secret buffer of the controller (key files here, unsealed data keys there).
 from controller.envelope import wipe as _wipe
+from hostagent.durable import fsync_directory as _fsync_directory
 
 __all__ = [
     "AUDIT_CHECKPOINT",
@@ -307,11 +308,3 @@ def read_private_file(path: Path, *, size: int | None = None, max_size: int = 64
     result = data[:length]
     _wipe(data)
     return result
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -120,6 +120,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostagent import process
+from hostagent.durable import fsync_directory as _fsync_directory
 
 from .envelope import wipe
 from .identity import create_private_file
@@ -236,14 +237,6 @@ def _write_all(fd: int, data: bytearray) -> None:
             view = view[os.write(fd, view):]
     finally:
         view.release()
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tool_environment() -> dict[str, str]:

@@ -68,6 +68,7 @@ from pathlib import Path
 from controller import envelope
 from controller.envelope import DATA_KEY_SIZE
 from controller.identity import KeyFileError, create_private_file, read_private_file
+from hostagent.durable import fsync_directory
 
 __all__ = [
     "CALIBRATION_ATTEMPTS",
@@ -340,11 +341,7 @@ def _sync_reserved(path: Path, identity: _Identity) -> None:
 
 def _fsync_directories(*paths: Path | None) -> None:
     for directory in {Path(os.path.abspath(path)).parent for path in paths if path is not None}:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(directory)
 
 
 def _reserve(path: Path) -> _Identity:

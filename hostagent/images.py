@@ -71,6 +71,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .durable import fsync_directory as _fsync_dir
 from .scrub import zero_file
 
 DIGEST_SIZE = 32  # SHA-256; equals hostagent.wire.messages.DIGEST_SIZE (a test checks it)
@@ -491,14 +492,6 @@ def _store_blob(root: Path, content: bytes | Path) -> bytes:
         raise
     _fsync_dir(root)
     return digest
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
