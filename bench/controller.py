@@ -165,10 +165,7 @@ def _stub(channel: grpc.Channel) -> Any:
 
 def _channel(host: controllerhost.ControllerHost, endpoint: str, role: str = ROLE) -> grpc.Channel:
     """An mTLS channel as ``role``, built as a control-plane client builds it."""
-    client = host.pki.clients[role]
-    credentials = grpc.ssl_channel_credentials(host.pki.ca_certificate.read_bytes(), client.key.read_bytes(),
-                                               client.certificate.read_bytes())
-    return grpc.secure_channel(endpoint, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
+    return host.channel(endpoint, role)
 
 
 def _start_request(agent: agenthost.AgentHost, instance_id: str) -> Any:

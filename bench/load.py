@@ -580,11 +580,7 @@ def _channel(host: controllerhost.ControllerHost, endpoint: str, role: str) -> g
     A local subchannel pool keeps gRPC from sharing one connection between channels to the same
     target, which it may do otherwise: each client is a separate service with its own connection.
     """
-    client = host.pki.clients[role]
-    credentials = grpc.ssl_channel_credentials(host.pki.ca_certificate.read_bytes(), client.key.read_bytes(),
-                                               client.certificate.read_bytes())
-    channel = grpc.secure_channel(endpoint, credentials, options=[("grpc.ssl_target_name_override", "localhost"),
-                                                                  ("grpc.use_local_subchannel_pool", 1)])
+    channel = host.channel(endpoint, role, options=[("grpc.use_local_subchannel_pool", 1)])
     grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT_S)  # the TLS handshake, outside any window
     return channel
 

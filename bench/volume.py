@@ -37,8 +37,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from controller import envelope
 from controller.api.gen.passivisor.v1 import controller_pb2 as pb
 from controller.api.gen.passivisor.v1 import controller_pb2_grpc as pb_grpc
@@ -81,11 +79,7 @@ def run(profile: Profile) -> Iterator[Result]:
 
 
 def _stub(host: controllerhost.ControllerHost, endpoint: str, role: str) -> Any:
-    client = host.pki.clients[role]
-    credentials = grpc.ssl_channel_credentials(host.pki.ca_certificate.read_bytes(), client.key.read_bytes(),
-                                               client.certificate.read_bytes())
-    channel = grpc.secure_channel(endpoint, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
-    return pb_grpc.HostControllerStub(channel)  # type: ignore[no-untyped-call]
+    return pb_grpc.HostControllerStub(host.channel(endpoint, role))  # type: ignore[no-untyped-call]
 
 
 def _wait_for(console: Path, offset: int, timeout: float, want: GuestSignal) -> Any:

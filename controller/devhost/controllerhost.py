@@ -14,8 +14,12 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from controller.pki import PkiPaths, init_pki
 
@@ -32,6 +36,15 @@ class ControllerHost:
     state_dir: Path
     log: Path
     encrypted_volume_dir: Path  # LUKS volume files named by volume id, served by the controller
+
+    def channel(self, endpoint: str, role: str, *, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        """An mTLS channel to ``endpoint`` as the development client certificate of ``role``."""
+        client = self.pki.clients[role]
+        credentials = grpc.ssl_channel_credentials(self.pki.ca_certificate.read_bytes(), client.key.read_bytes(),
+                                                   client.certificate.read_bytes())
+        # The server certificate names localhost; the endpoint is 127.0.0.1:PORT.
+        return grpc.secure_channel(endpoint, credentials,
+                                   options=[("grpc.ssl_target_name_override", "localhost"), *options])
 
 
 def prepare(directory: Path, agent: AgentHost, *, principal_rate_per_s: float = 50.0, principal_burst: int = 100,

@@ -352,11 +352,7 @@ class Rig:
     def stub(self, role: str) -> Any:
         channel = self._channels.get(role)
         if channel is None:
-            paths = self.controller.pki.clients[role]
-            credentials = grpc.ssl_channel_credentials(self.controller.pki.ca_certificate.read_bytes(),
-                                                       paths.key.read_bytes(), paths.certificate.read_bytes())
-            channel = grpc.secure_channel(self.endpoint, credentials,
-                                          options=[("grpc.ssl_target_name_override", "localhost")])
+            channel = self.controller.channel(self.endpoint, role)
             self._channels[role] = channel
         return pb_grpc.HostControllerStub(channel)  # type: ignore[no-untyped-call]
 

@@ -51,12 +51,7 @@ class Host:
     running: list[str] = field(default_factory=list)  # instances a test started; stopped after it
 
     def stub(self, role: str) -> pb_grpc.HostControllerStub:
-        paths = self.controller.pki.clients[role]
-        credentials = grpc.ssl_channel_credentials(self.controller.pki.ca_certificate.read_bytes(),
-                                                   paths.key.read_bytes(), paths.certificate.read_bytes())
-        channel = grpc.secure_channel(self.endpoint, credentials,
-                                      options=[("grpc.ssl_target_name_override", "localhost")])
-        return pb_grpc.HostControllerStub(channel)  # type: ignore[no-untyped-call]
+        return pb_grpc.HostControllerStub(self.controller.channel(self.endpoint, role))  # type: ignore[no-untyped-call]
 
     def volume(self) -> tuple[str, Path]:
         """A fresh encrypted volume (a copy of the template) in the controller's volume directory."""
@@ -78,11 +73,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     template = root / "template.luks"
     create_volume(template, SIZE, key)
     try:
-        paths = controller.pki.clients["volume-attacher"]
-        credentials = grpc.ssl_channel_credentials(controller.pki.ca_certificate.read_bytes(),
-                                                   paths.key.read_bytes(), paths.certificate.read_bytes())
-        with grpc.secure_channel(endpoint, credentials,
-                                 options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+        with controller.channel(endpoint, "volume-attacher") as channel:
             identity = pb_grpc.HostControllerStub(channel).GetHostIdentity(  # type: ignore[no-untyped-call]
                 pb.GetHostIdentityRequest(), timeout=20)
         yield Host(agent, controller, endpoint, identity.public_key, key, template)

@@ -36,7 +36,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 from conftest import wait_until
 from memscan import ProcessScan, find_in_range, scan_files, scan_process
@@ -78,12 +77,7 @@ class Host:
         return self.agent.runtime_dir / uuid.UUID(self.instance_id).hex / "console.log"
 
     def stub(self, role: str) -> pb_grpc.HostControllerStub:
-        paths = self.controller.pki.clients[role]
-        credentials = grpc.ssl_channel_credentials(self.controller.pki.ca_certificate.read_bytes(),
-                                                   paths.key.read_bytes(), paths.certificate.read_bytes())
-        channel = grpc.secure_channel(self.endpoint, credentials,
-                                      options=[("grpc.ssl_target_name_override", "localhost")])
-        return pb_grpc.HostControllerStub(channel)  # type: ignore[no-untyped-call]
+        return pb_grpc.HostControllerStub(self.controller.channel(self.endpoint, role))  # type: ignore[no-untyped-call]
 
     def volume(self) -> tuple[str, Path]:
         """A fresh encrypted volume (a copy of the template) in the controller's volume directory."""
