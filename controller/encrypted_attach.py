@@ -54,7 +54,7 @@ from hostagent.wire import messages as m
 from . import envelope as env
 from .app import Code, ControllerError, Violation
 from .identity import HostIdentity
-from .volumes import EncryptedVolumes, VolumeServerError
+from .volumes import EncryptedVolumes, VolumeErrorReason, VolumeServerError
 
 # The envelope's failure kinds, as the API reports them (docs/envelope-format.md).
 ENVELOPE_CODES: dict[env.EnvelopeErrorKind, Code] = {
@@ -82,12 +82,12 @@ def _envelope_error(exc: env.EnvelopeError) -> ControllerError:
 
 
 def _server_error(exc: VolumeServerError) -> ControllerError:
-    reason = exc.reason.name
-    if reason == "KEY_REJECTED":
+    reason = exc.reason
+    if reason is VolumeErrorReason.KEY_REJECTED:
         return ControllerError(Code.FAILED_PRECONDITION, "the data key does not unlock the volume")
-    if reason == "VOLUME_NOT_FOUND":
+    if reason is VolumeErrorReason.VOLUME_NOT_FOUND:
         return ControllerError(Code.NOT_FOUND, f"encrypted volume not found: {exc.detail}")
-    if reason == "VOLUME_UNUSABLE":
+    if reason is VolumeErrorReason.VOLUME_UNUSABLE:
         return ControllerError(Code.FAILED_PRECONDITION, f"the volume cannot be served: {exc.detail}")
     return ControllerError(Code.INTERNAL, f"the encryption server failed: {exc.detail}")
 
