@@ -17,7 +17,8 @@ order of checks for each call, denying by default at every step:
 5. rate limits per principal and per instance: RESOURCE_EXHAUSTED with a retry hint;
 6. idempotency of mutating calls by client token (replay, refusal of reuse);
 7. audit: a mutating call's intent is durable before it runs and its
-   outcome is recorded after; a read-only call is recorded once;
+   outcome is recorded after; a read-only call or a refusal is recorded once,
+   and every answer waits until its records are durable (group commit);
 8. execution through the one agent connection, with the caller's deadline;
    an encrypted volume's envelope is admitted in step 3 and opened in step 8
    (``controller/encrypted_attach.py``).
@@ -425,13 +426,14 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def _record(self, principal: str | None, method: str, params: dict[str, str], decision: Decision,
                 outcome: Outcome) -> None:
-        """Append a read-only call or a refusal to the chain without waiting for its fsync.
+        """Append a read-only call or a refusal to the chain and wait until it is durable.
 
-        Only a mutating call's intent must be durable before it runs (``_mutate``
-        uses ``begin``/``finish``); these records ride on the next group commit,
-        so a flood of reads or refusals cannot force an fsync per call.
+        The answer leaves only after its record is on disk, so a controller that
+        dies at any moment has never answered a call the log does not show (C3).
+        Concurrent callers share one fsync through the group commit, so a flood
+        of reads or refusals costs one fsync per batch, not one per call.
         """
-        self.audit.append(audit_principal(principal), audit_method(method), params, decision, outcome, wait=False)
+        self.audit.append(audit_principal(principal), audit_method(method), params, decision, outcome)
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, exc: ControllerError) -> NoReturn:

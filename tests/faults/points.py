@@ -58,8 +58,8 @@ POINTS: tuple[KillPoint, ...] = (
     KillPoint("controller:volume-state-saved", "controller", "controller.volumes", "EncryptedVolumes._save", "after",
               "volume-attachments.json was just replaced (after a record was added or dropped)"),
     KillPoint("controller:read-record-unwritten", "controller", "controller.audit.log", "AuditLog._write_batch",
-              "before", "a DescribeInstance was answered (the process lives 0.3 s more, long enough to send the "
-              "answer) and its audit record, appended without waiting for the disk by design, is not written",
+              "before", "the audit record of a DescribeInstance is about to be written (the process lives 0.3 s more, "
+              "long enough to send an answer if one were sent before its record is durable)",
               only="describe_batch", delay_s=0.3),
     # --- the agent --------------------------------------------------------------------------------
     KillPoint("agent:command-received", "agent", "hostagent.service", "AgentService.handle", "before",

@@ -111,18 +111,14 @@ def test_a_retried_vf_assignment_assigns_one_vf(tmp_path: Path, volume: tuple[Pa
     assert result.violations == []
 
 
-# A read-only call (and a refusal, and the replay of a completed token) is recorded without waiting for the
-# disk: the group commit writes the record a moment after the answer left (controller/grpc_service.py,
-# _record; controller/audit/log.py, wait=False).  A controller that dies in that moment has answered a call
-# the audit log never shows (claim C3: every call is logged).  Not fixed: waiting for the fsync before every
-# read is a latency and design decision (see the report of issue 6).
-@pytest.mark.xfail(strict=True, raises=KnownBugSeen,
-                   reason="known limit: a read answered just before a controller crash loses its audit record")
+# A read-only call (and a refusal, and the replay of a completed token) is answered only once its audit
+# record is durable (controller/grpc_service.py, _record).  The kill lands just before the group commit that
+# would write a DescribeInstance's record: the client must see the call fail, never an answer without a record
+# (claim C3).  Before the fix the record rode on the next batch and the answer left first (K2 in the report).
 def test_an_answered_read_has_its_audit_record(tmp_path: Path, volume: tuple[Path, bytearray]) -> None:
     point, n = "controller:read-record-unwritten", 1
     report = execute(tmp_path, [Plan(point, n, "plain")], volume=volume)
     (result,) = report.runs
-    assert result.fired == [f"{point}@{n}"] and result.killed_during == ["attach(A,P1)"], result
-    if result.known:
-        raise KnownBugSeen("; ".join(result.known))
+    assert result.fired == [f"{point}@{n}"] and result.killed_during == ["describe"], result
+    assert result.known == []
     assert result.violations == []
