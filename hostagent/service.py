@@ -280,7 +280,9 @@ class AgentService:
         return m.VolumeStatus(cmd.instance_id, cmd.volume_id, m.VolumeState.DETACHED)
 
     async def _assign_vf(self, cmd: m.AssignVf, fds: Sequence[int]) -> m.Message:
-        self.state.check_assign(cmd.instance_id)
+        held = self.state.check_assign(cmd.instance_id, cmd.pf, cmd.mac, cmd.vlan)
+        if held is not None:  # a repetition (a retry whose answer was lost): the same VF, nothing changes
+            return m.VfStatus(cmd.instance_id, held.vf, held.index, m.VfState.ASSIGNED)
         handle = self._running[cmd.instance_id].handle
         vf = self.vf_pool.acquire(cmd.instance_id, cmd.pf)
         try:

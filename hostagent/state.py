@@ -133,6 +133,9 @@ class Instance:
     def vf(self, address: PciAddress) -> VfAttachment | None:
         return next((v for v in self.vfs if v.vf == address), None)
 
+    def vf_with_mac(self, pf: PciAddress, mac: bytes) -> VfAttachment | None:
+        return next((v for v in self.vfs if v.pf == pf and v.mac == mac), None)
+
 
 @dataclass
 class EventQueue:
@@ -265,14 +268,29 @@ class AgentState:
         volumes = tuple(v for v in instance.volumes if v.volume_id != volume_id)
         return self._put(replace(instance, volumes=volumes, vm=vm))
 
-    def check_assign(self, instance_id: uuid.UUID) -> Instance:
+    def check_assign(self, instance_id: uuid.UUID, pf: PciAddress, mac: bytes, vlan: int) -> VfAttachment | None:
+        """Refuse an assignment that cannot be made; return the VF already held if it is a repetition.
+
+        An instance's VF on a physical function is named by its MAC: asking again
+        for the same PF, MAC and VLAN (a retry whose answer was lost) names the
+        VF the instance already holds, so the caller answers with it and changes
+        nothing.  The same MAC on another VLAN is a conflict, not a second VF.
+        """
         instance = self.running_instance(instance_id)
+        held = instance.vf_with_mac(pf, mac)
+        if held is not None:
+            if held.vlan != vlan:
+                raise Refused(Refusal.INVALID_STATE, f"{instance_id} holds VF {held.vf} of {pf} with this MAC on "
+                                                     f"VLAN {held.vlan}; release it first")
+            return held
         if len(instance.vfs) >= MAX_VFS:
             raise Refused(Refusal.TOO_MANY_DEVICES, f"at most {MAX_VFS} VFs per instance")
-        return instance
+        return None
 
     def assign(self, instance_id: uuid.UUID, vf: VfAttachment, vm: VmRecord | None) -> Instance:
-        instance = self.check_assign(instance_id)
+        if self.check_assign(instance_id, vf.pf, vf.mac, vf.vlan) is not None:
+            raise Refused(Refusal.INVALID_STATE, f"{instance_id} already holds a VF of {vf.pf} with this MAC")
+        instance = self.running_instance(instance_id)
         vfs = tuple(sorted((*instance.vfs, vf), key=lambda v: (v.vf.domain, v.vf.bus, v.vf.device, v.vf.function)))
         return self._put(replace(instance, vfs=vfs, vm=vm))
 

@@ -285,7 +285,7 @@ class DetachVolume:
 
 @dataclass(frozen=True, slots=True)
 class AssignVf:
-    """Bind a free VF of a physical function to vfio-pci and hot-plug it; answered with VF_STATUS."""
+    """Bind a free VF of a PF to vfio-pci and hot-plug it, or name the one held with this MAC; answered: VF_STATUS."""
 
     instance_id: uuid.UUID
     pf: PciAddress

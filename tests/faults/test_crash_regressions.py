@@ -83,22 +83,17 @@ def test_an_encrypted_attach_whose_answer_was_lost_keeps_its_server(
     assert result.violations == [] and result.known == []
 
 
-# AssignVirtualFunction has no natural key the agent could recognise a repetition by (it picks the VF):
-# when the first attempt took effect and its answer was lost, the retry with the same client token is
-# executed again (controller/idempotency.py: an interrupted or abandoned token is handed out as New) and
-# assigns a second VF.  Not fixed: the fix changes what ASSIGN_VF means (see the report of issue 6).
+# AssignVirtualFunction after a crash between the agent assigning the VF and the client token completing: the
+# retry with the same token is executed again (controller/idempotency.py: an interrupted token is handed out as
+# New), and the agent must recognise the repetition.  It does by the assignment's name: the instance already
+# holds a VF of that PF with that MAC and VLAN, so it answers with that VF (hostagent/state.py, check_assign).
+# Before the fix the retry assigned a second VF (K1 in the report).
 VF_ASSIGN_ANSWER_LOST = [
     ("controller:agent-answered", 2, "vf", "assign_vf(A)"),  # mutating calls: start, assign
     ("agent:answered", 3, "vf", "assign_vf(A)"),  # start, describe, assign
 ]
 
 
-class KnownBugSeen(Exception):
-    """The known bug showed itself; anything else going wrong is a plain failure, not the expected one."""
-
-
-@pytest.mark.xfail(strict=True, raises=KnownBugSeen,
-                   reason="known bug: a retried AssignVirtualFunction assigns a second VF")
 @pytest.mark.parametrize(("point", "n", "sequence", "during"), VF_ASSIGN_ANSWER_LOST,
                          ids=[f"{p}@{n}" for p, n, _, _ in VF_ASSIGN_ANSWER_LOST])
 def test_a_retried_vf_assignment_assigns_one_vf(tmp_path: Path, volume: tuple[Path, bytearray], point: str,
@@ -106,8 +101,7 @@ def test_a_retried_vf_assignment_assigns_one_vf(tmp_path: Path, volume: tuple[Pa
     report = execute(tmp_path, [Plan(point, n, sequence)], volume=volume)  # a host of its own: it breaks it
     (result,) = report.runs
     assert result.fired == [f"{point}@{n}"] and result.killed_during == [during], result
-    if result.known:
-        raise KnownBugSeen("; ".join(result.known))
+    assert result.known == []
     assert result.violations == []
 
 

@@ -31,6 +31,7 @@ from hostagent.wire import messages as m
 
 PF, VF0, VF1 = "0000:03:00.0", "0000:03:00.1", "0000:03:00.2"
 MAC = b"\x02\x00\x00\x00\x00\x07"
+MAC2, MAC3 = b"\x02\x00\x00\x00\x00\x08", b"\x02\x00\x00\x00\x00\x09"
 
 
 @dataclass
@@ -117,15 +118,33 @@ def test_assign_binds_to_vfio_and_release_gives_it_back(host: Host) -> None:
         assert host.pci.driver_of(VF0) == "vfio-pci" and host.pci.override_of(VF0) == "vfio-pci"
         info = await host.service.handle(m.DescribeInstance(iid))
         assert isinstance(info, m.InstanceInfo) and info.vfs == (pci(VF0),)
-        second = await host.service.handle(m.AssignVf(iid, pci(PF), MAC, 42))
+        second = await host.service.handle(m.AssignVf(iid, pci(PF), MAC2, 42))
         assert second == m.VfStatus(iid, pci(VF1), 1, m.VfState.ASSIGNED)
         before = observed(host)
-        assert await host.service.handle(m.AssignVf(iid, pci(PF), MAC, 42)) == m.Error(m.ErrorCode.NO_FREE_VF)
+        assert await host.service.handle(m.AssignVf(iid, pci(PF), MAC3, 42)) == m.Error(m.ErrorCode.NO_FREE_VF)
         assert observed(host) == before
         released = await host.service.handle(m.ReleaseVf(iid, pci(VF0)))
         assert released == m.VfStatus(iid, pci(VF0), 0, m.VfState.RELEASED)
         assert host.pci.driver_of(VF0) != "vfio-pci" and host.pci.override_of(VF0) is None
         assert host.service.vf_pool.snapshot().vfs_free == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_repeated_assignment_answers_with_the_vf_already_held(host: Host) -> None:
+    """A retry whose first answer was lost (same PF, MAC, VLAN) gets the same VF; nothing else changes."""
+    host.service.backend = SimBackend(vfio_available=True)
+
+    async def scenario() -> None:
+        iid = await started(host)
+        first = await host.service.handle(m.AssignVf(iid, pci(PF), MAC, 42))
+        assert first == m.VfStatus(iid, pci(VF0), 0, m.VfState.ASSIGNED)
+        before, events = observed(host), len(host.service.state.events.events)
+        assert await host.service.handle(m.AssignVf(iid, pci(PF), MAC, 42)) == first
+        assert observed(host) == before and len(host.service.state.events.events) == events
+        refused = await host.service.handle(m.AssignVf(iid, pci(PF), MAC, 43))  # the same MAC on another VLAN
+        assert refused == m.Error(m.ErrorCode.INVALID_STATE)
+        assert observed(host) == before
 
     asyncio.run(scenario())
 

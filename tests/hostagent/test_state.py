@@ -134,9 +134,10 @@ def test_device_counts_are_bounded() -> None:
         state.attach(iid, VolumeAttachment(uuid.uuid4(), VolumeSource.FILE, True), None)
     for index in range(8):
         address = PciAddress(0, 3, 0, index)
-        state.assign(iid, VfAttachment(VF, address, index, b"\x02\x00\x00\x00\x00\x01", 0), None)
+        state.assign(iid, VfAttachment(VF, address, index, bytes([2, 0, 0, 0, 0, index]), 0), None)
     before = snapshot(state)
-    for action in (lambda: state.check_attach(iid, uuid.uuid4()), lambda: state.check_assign(iid)):
+    for action in (lambda: state.check_attach(iid, uuid.uuid4()),
+                   lambda: state.check_assign(iid, VF, b"\x02\x00\x00\x00\x01\x00", 0)):
         with pytest.raises(Refused) as info:
             action()
         assert info.value.refusal is Refusal.TOO_MANY_DEVICES
@@ -247,3 +248,23 @@ def test_pulls_return_the_unacknowledged_events_in_order(kinds: list[EventKind],
     expected = [c for c in range(1, len(kinds) + 1) if c > after][:limit]
     assert [e.cursor for e in batch] == expected
     assert cursor == (expected[-1] if expected else max(after, len(kinds)))
+
+
+def test_an_assignment_is_named_by_pf_and_mac() -> None:
+    """The same PF, MAC and VLAN again names the VF already held; the same MAC on another VLAN is refused."""
+    state = AgentState()
+    iid = running(state)
+    mac = b"\x02\x00\x00\x00\x00\x01"
+    held = VfAttachment(VF, PciAddress(0, 3, 0, 1), 0, mac, 7)
+    state.assign(iid, held, None)
+    before = snapshot(state)
+    assert state.check_assign(iid, VF, mac, 7) == held
+    assert state.check_assign(iid, VF, b"\x02\x00\x00\x00\x00\x02", 7) is None  # another MAC: a new VF
+    assert state.check_assign(iid, PciAddress(0, 4, 0, 0), mac, 7) is None  # another PF: a new VF
+    with pytest.raises(Refused) as info:
+        state.check_assign(iid, VF, mac, 8)
+    assert info.value.refusal is Refusal.INVALID_STATE and "VLAN 7" in info.value.detail
+    with pytest.raises(Refused) as info:
+        state.assign(iid, VfAttachment(VF, PciAddress(0, 3, 0, 2), 1, mac, 7), None)
+    assert info.value.refusal is Refusal.INVALID_STATE
+    assert snapshot(state) == before

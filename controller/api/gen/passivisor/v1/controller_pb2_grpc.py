@@ -139,6 +139,10 @@ class HostControllerServicer:
         """Takes a free virtual function of a physical function, binds it to
         vfio-pci and hot-plugs it into the instance; rolls back on any failure.
         Mutating.  FAILED_PRECONDITION when the host has no such SR-IOV device.
+        An instance's virtual function of a physical function is named by its
+        MAC: asking again with the same physical function, MAC and VLAN answers
+        with the one already held (a retry never takes a second one); the same
+        MAC with another VLAN is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
