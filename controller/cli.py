@@ -1078,6 +1078,8 @@ def run_dev_down(session: Session) -> int:
     else:
         session.print(f"stopped the controller (pid {document['controller_pid']}) and the agent "
                       f"(pid {document['agent_pid']}); instances stopped: {len(document['stopped_instances'])}")
+        if not document["runtime_dir_removed"]:
+            session.print("kept the runtime directory: a VM process still uses it")
     return EXIT_OK
 
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -42,3 +45,29 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_agent_runtime_dirs() -> Iterator[None]:
+    """Remove, at the end of the session, the runtime directories ``agenthost.prepare`` made.
+
+    They live below the temp dir (``/tmp/pv-<hash>``, short socket paths), outside the test's
+    ``tmp_path``, so nothing else removes them.  One still used by a VM process is left alone.
+    """
+    from controller.devhost import agenthost
+
+    made: set[Path] = set()
+    prepare = agenthost.prepare
+
+    def recording(*args: Any, **kwargs: Any) -> agenthost.AgentHost:
+        host = prepare(*args, **kwargs)
+        made.add(host.runtime_dir)
+        return host
+
+    agenthost.prepare = recording  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        agenthost.prepare = prepare  # type: ignore[assignment]
+        for path in made:
+            agenthost.remove_runtime_dir(path)

@@ -19,6 +19,7 @@ import hashlib
 import os
 import pwd
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,3 +189,19 @@ def kill_vms(host: AgentHost) -> int:
         if ticks is not None and process.kill(pid, ticks, signal.SIGKILL):
             killed += 1
     return killed
+
+
+def remove_runtime_dir(runtime_dir: Path) -> bool:
+    """Remove an agent's runtime directory (``AgentHost.runtime_dir``) unless a VM process still uses it.
+
+    ``prepare`` makes it below the temp dir, outside ``AgentHost.directory``, to
+    keep socket paths short, so removing that directory alone leaves it behind.
+    Returns whether it is gone.  Call it after the agent has stopped
+    (``pvctl dev down``, test teardown).
+    """
+    from hostagent import process
+
+    if process.find_by_argument(str(runtime_dir).encode()):
+        return False
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+    return not runtime_dir.exists()

@@ -97,8 +97,12 @@ def down(directory: Path) -> dict[str, Any]:
         except AgentLinkError as exc:
             raise DevError(f"cannot stop the instances: {exc.detail}") from None
     _terminate(state["agent_pid"])
+    # The runtime directory lives below the temp dir (short socket paths); it goes unless a VM still runs
+    # from it (an agent found dead leaves its VMs running, and they keep their sockets).
+    removed = agenthost.remove_runtime_dir(Path(state["runtime_dir"]))
     path.unlink()
-    return {"stopped_instances": stopped, "agent_pid": state["agent_pid"], "controller_pid": state["controller_pid"]}
+    return {"stopped_instances": stopped, "agent_pid": state["agent_pid"], "controller_pid": state["controller_pid"],
+            "runtime_dir_removed": removed}
 
 
 def _terminate(pid: int, timeout: float = 10.0) -> None:
