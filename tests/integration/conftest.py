@@ -43,6 +43,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from inventory.fakesysfs import write_cpu_tree
+from polling import wait_until
 
 from controller.agentlink import AgentLink
 from controller.devhost import agenthost
@@ -64,18 +65,6 @@ AGENT_START_TIMEOUT_S = 20.0
 SESSION_METRICS = frozenset({m.MetricId.FRAMES_REJECTED, m.MetricId.SESSIONS_REJECTED, m.MetricId.EVENTS_PENDING})
 
 T = TypeVar("T")
-
-
-def wait_until(probe: Callable[[], T], *, timeout: float = 5.0, what: str = "condition") -> T:
-    """Poll ``probe`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 # --- /proc ----------------------------------------------------------------------

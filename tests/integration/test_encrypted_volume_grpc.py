@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import wait_until
+from polling import wait_until
 
 from controller import envelope
 from controller.api.gen.passivisor.v1 import controller_pb2 as pb

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
 from memscan import ProcessScan, find_in_range, scan_files, scan_process
+from polling import wait_until
 
 from controller import envelope
 from controller.api.gen.passivisor.v1 import controller_pb2 as pb
