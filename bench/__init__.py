@@ -22,8 +22,10 @@ class Benchmark(NamedTuple):
 # The closed set of benchmark names.  Adding a benchmark is one line here.
 BENCHMARKS: dict[str, Benchmark] = {
     "wire": Benchmark("bench.wire", "agent-channel codec: decode/encode of every message vs hand-written struct code"),
-    "agent": Benchmark("bench.agent", "authenticated PING through the agent vs a raw Unix-socket echo; start-to-ready"),
+    "agent": Benchmark("bench.agent", "authenticated PING through the agent vs a raw Unix-socket echo"),
     "controller": Benchmark("bench.controller", "audited Describe vs bare mTLS call; Start/Stop ops/s, fsync on/off"),
+    "start": Benchmark("bench.start", "StartInstance to guest ready, AttachVolume to disk seen; vs QEMU by hand"),
+    "fuzz": Benchmark("bench.fuzz", "exec/s of every fuzz target vs the same atheris runner on a trivial target"),
     "volume": Benchmark("bench.volume", "sequential write/read inside a guest: encrypted volume vs plain raw file"),
     "load": Benchmark("bench.load", "64 mixed-role clients under the shipped rate limits (sim), then a qemu lifecycle "
                                     "loop: latency vs one client, RSS at end vs start"),
