@@ -10,12 +10,16 @@ refused); everything else is the shipped configuration and default policy.
   instance-manager, through the whole pipeline (certificate to principal,
   authorization, validation, audit record made durable, the agent round trip)
   beside a bare unary call: a gRPC server built by the same ``build_server``
-  (same TLS credentials, client certificate required, same thread pool and
+  (grpc.aio on its own event-loop thread, same TLS credentials, client
+  certificate required, the handler run in the same worker pool, same
   options) in a separate process, like the controller, whose one generic
   handler returns the controller's own serialized DescribeInstanceResponse for
   that instance without looking at the request.  Both sides use the same
   stub, request, client certificate and channel options, and are measured
-  interleaved by ``harness.compare``.  Target ratio <= 2 (issue 4).
+  interleaved by ``harness.compare``.  Target ratio <= 2 (issue 4).  Since the
+  controller serves with grpc.aio (defect D3 of docs/reliability.md) both sides
+  carry its cost, about 130-270 us per call more than the synchronous server on
+  this machine: ratios measured before that change are not comparable.
 
 - ``controller.lifecycle_1``, ``_8``, ``_32`` and ``_64``: StartInstance/StopInstance
   throughput (ops/s, each call one op) with 1, 8, 32 and 64 client threads, each with its own

@@ -28,12 +28,17 @@ Domain errors become gRPC status codes here and only here (``_abort``).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -181,6 +186,73 @@ def _command(method: pol.Method, request: Any) -> tuple[m.Message | None, pol.Re
     return cmd, facts, params
 
 
+class CallContext(Protocol):
+    """What the pipeline uses of a call's context (a subset of ``grpc.ServicerContext``)."""
+
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]: ...
+    def time_remaining(self) -> float | None: ...
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None: ...
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
+
+
+class _Aborted(Exception):
+    """Raised by :meth:`_PoolContext.abort` in a worker; the call is ended with this status on the event loop."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _PoolContext:
+    """A call's context as the synchronous pipeline sees it, in a worker thread of the server's pool.
+
+    Reading the auth context and the deadline and setting trailing metadata are
+    plain reads and writes of the call's state; ending the call (``abort``) is
+    left to the event loop, which owns the call.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
+        return self._context.auth_context()  # type: ignore[no-any-return]
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()  # type: ignore[no-any-return]
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self._context.set_trailing_metadata(metadata)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise _Aborted(code, details)
+
+
+def _unary_on_pool(path: str, pipeline: Callable[[bytes, CallContext], bytes]) -> grpc.RpcMethodHandler:
+    """A unary method whose request is received on the event loop and handled by ``pipeline`` in the pool.
+
+    The method is registered as client-streaming so that this coroutine, not
+    grpc, reads the request: grpc.aio's own unary path drops a call whose
+    client half-closes without a message and leaves the client waiting for an
+    answer that never comes; here it gets UNIMPLEMENTED, as from the
+    synchronous server.  On the wire a unary call and a client-streaming call
+    are the same; like grpc's unary path this reads exactly one message.
+    While the request has not fully arrived, the call holds no thread (D3).
+    """
+    async def handle(requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f'"{path}" requires exactly one request message.')
+        try:
+            # None: the loop's default executor, which Server makes its worker pool.
+            return await asyncio.get_running_loop().run_in_executor(None, pipeline, raw, _PoolContext(context))
+        except _Aborted as aborted:
+            await context.abort(aborted.code, aborted.details)
+            raise AssertionError("grpc's abort returned") from None  # it raises; this line is never reached
+
+    return grpc.stream_unary_rpc_method_handler(handle)
+
+
 class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     def __init__(self, *, agent: AgentConnection, policy: pol.Policy, limiter: RateLimiter,
                  tokens: IdempotencyStore, audit: AuditLog, keys: HostKeys, telemetry: Telemetry,
@@ -198,21 +270,21 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
         path = handler_call_details.method
         if path == HEALTH_CHECK:
-            return grpc.unary_unary_rpc_method_handler(self._health)
+            return _unary_on_pool(path, self._health)
         method = pol.Method.from_path(path)
         if method is None:
             return None  # UNIMPLEMENTED: not a method of this service
-        return grpc.unary_unary_rpc_method_handler(lambda raw, context: self._call(method, raw, context))
+        return _unary_on_pool(path, functools.partial(self._call, method))
 
     # --- the pipeline ----------------------------------------------------------------
 
-    def _health(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+    def _health(self, raw: bytes, context: CallContext) -> bytes:
         if principal_of(context.auth_context()) is None:
             self._record(None, "Health/Check", {}, Decision.DENIED, Outcome.UNAUTHENTICATED)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate with one URI SAN is required")
         return _SERVING
 
-    def _call(self, method: pol.Method, raw: bytes, context: grpc.ServicerContext) -> bytes:
+    def _call(self, method: pol.Method, raw: bytes, context: CallContext) -> bytes:
         started = time.perf_counter()
         principal = principal_of(context.auth_context())
         params: dict[str, Any] = {}
@@ -226,7 +298,7 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         finally:
             self.telemetry.observe(method.value, code.value if code else "OK", time.perf_counter() - started)
 
-    def _checked_call(self, method: pol.Method, raw: bytes, context: grpc.ServicerContext,
+    def _checked_call(self, method: pol.Method, raw: bytes, context: CallContext,
                       principal: str | None, params: dict[str, Any]) -> Any:
         name = method.value
         if principal is None:
@@ -436,7 +508,7 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.audit.append(audit_principal(principal), audit_method(method), params, decision, outcome)
 
     @staticmethod
-    def _abort(context: grpc.ServicerContext, exc: ControllerError) -> NoReturn:
+    def _abort(context: CallContext, exc: ControllerError) -> NoReturn:
         """The one mapping of a ControllerError to a gRPC status, with standard rich details.
 
         Field violations (google.rpc.BadRequest) and the retry hint
@@ -490,17 +562,88 @@ def _event(event: m.Event) -> Any:
                     reason=int(event.reason))  # type: ignore[arg-type]
 
 
-def build_server(handler: HostControllerHandler, *, listen: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
-                 max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """A server with one TLS port (client certificates required, no insecure port, no reflection)."""
-    from concurrent.futures import ThreadPoolExecutor
+class Server:
+    """The controller's gRPC server: grpc.aio on a private event loop thread, behind a blocking interface.
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), handlers=[handler],
-                         options=[("grpc.max_receive_message_length", 64 * 1024)])
+    Why asyncio (issue 6, defect D3): the synchronous ``grpc.server`` reads a
+    unary request inside a worker thread, so a caller that sends a call's
+    headers and never its message holds a worker until it gives up; as many
+    such calls as workers stop the controller, and a client needs only some
+    certificate of the CA to make them (authentication runs in the handler,
+    once the message is there).  ``grpc.aio`` receives the message on its
+    event loop, where a waiting call holds no thread, and only then runs the
+    handler in the worker pool (``migration_thread_pool``: the handlers stay
+    synchronous; their blocking work, the agent round trip and the audit
+    fsync, needs a thread anyway).  The pool still bounds how many calls run
+    at once, but only calls whose request has fully arrived can occupy it.
+
+    The interface is the one ``controller.main`` and the benchmarks use:
+    :meth:`start`, :meth:`stop` (returns an event set when the server has
+    stopped) and :meth:`wait_for_termination`.
+    """
+
+    def __init__(self, handlers: list[grpc.GenericRpcHandler], options: list[tuple[str, Any]],
+                 max_workers: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-handler")
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_default_executor(self._pool)  # where HostControllerHandler runs its pipeline
+        self._thread = threading.Thread(target=self._run_loop, name="grpc-aio", daemon=True)
+        self._thread.start()
+        self._stopped = threading.Event()
+
+        async def create() -> grpc.aio.Server:  # grpc.aio binds a server to the loop running when it is made
+            return grpc.aio.server(migration_thread_pool=self._pool, handlers=handlers, options=options)
+
+        self._server = self._call(create())
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        async def add() -> int:
+            return int(self._server.add_secure_port(address, credentials))
+        return int(self._call(add()))
+
+    def start(self) -> None:
+        self._call(self._server.start())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls, let running ones finish for ``grace`` seconds, then cancel them and close down.
+
+        Returns an event that is set once the server has stopped (it is, when this returns).
+        """
+        if not self._stopped.is_set():
+            try:
+                self._call(self._server.stop(grace))
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join()
+                self._loop.close()
+                self._pool.shutdown(wait=True)
+                self._stopped.set()
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped (True) or ``timeout`` seconds passed (False)."""
+        return self._stopped.wait(timeout)
+
+
+def build_server(handler: grpc.GenericRpcHandler, *, listen: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
+                 max_workers: int = 16) -> tuple[Server, int]:
+    """A server with one TLS port (client certificates required, no insecure port, no reflection)."""
+    server = Server([handler], [("grpc.max_receive_message_length", 64 * 1024)], max_workers)
     credentials = grpc.ssl_server_credentials(((key_pem, cert_pem),), root_certificates=ca_pem,
                                               require_client_auth=True)
-    port = server.add_secure_port(listen, credentials)
+    try:
+        port = server.add_secure_port(listen, credentials)
+    except BaseException:
+        server.stop(None)
+        raise
     if port == 0:
+        server.stop(None)
         raise RuntimeError(f"cannot listen on {listen}")
     return server, port
-

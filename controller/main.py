@@ -29,7 +29,7 @@ from .audit import CONTROLLER_PRINCIPAL, AuditError, AuditLog, CheckpointSigner,
 from .config import ControllerConfig
 from .config import load as load_config
 from .encrypted_attach import EncryptedAttach
-from .grpc_service import HostControllerHandler, HostKeys, build_server
+from .grpc_service import HostControllerHandler, HostKeys, Server, build_server
 from .idempotency import IdempotencyStore, StoreError
 from .ratelimit import BucketSpec, RateLimiter
 from .telemetry import Telemetry
@@ -43,7 +43,7 @@ class StartupError(Exception):
     """The controller cannot start; the message says what to fix."""
 
 
-def build(config: ControllerConfig) -> tuple[object, int, list[object]]:
+def build(config: ControllerConfig) -> tuple[Server, int, list[object]]:
     config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         # Every input is read before any state is opened, so a start refused for a bad input changes nothing.
@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    server.start()  # type: ignore[attr-defined]
+    server.start()
     host = config.listen.rpartition(":")[0]
     print(f"{READY_MARK}{host}:{port}", file=sys.stderr, flush=True)
     stopping.wait()
-    server.stop(5).wait()  # type: ignore[attr-defined]
+    server.stop(5).wait()
     for resource in resources:
         resource.close()  # type: ignore[attr-defined]
     log.info("stopped")

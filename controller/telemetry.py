@@ -32,10 +32,20 @@ class Telemetry:
         self.anomalies = Gauge("passivisor_agent_anomalies", "anomalies seen on the agent link",
                                registry=self.registry)
         self.agent = Gauge("passivisor_agent", "the agent's gauges and counters", ["metric"], registry=self.registry)
+        self._calls: dict[tuple[str, str], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.calls.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        # The labelled children, looked up once: ``labels`` validates and locks on every call, and this
+        # runs on every answered call.  The sets of methods and codes are closed, so the caches stay small.
+        counter = self._calls.get((method, code))
+        if counter is None:
+            counter = self._calls.setdefault((method, code), self.calls.labels(method, code))
+        histogram = self._latency.get(method)
+        if histogram is None:
+            histogram = self._latency.setdefault(method, self.latency.labels(method))
+        counter.inc()
+        histogram.observe(seconds)
 
     def denied(self, method: str) -> None:
         self.denials.labels(method).inc()

@@ -18,19 +18,27 @@ and a read-only or refused call writes one :meth:`AuditLog.append` record.
 Every call attempt is recorded (claim C3); the parameters pass through
 ``chain.redact`` so that key material cannot be recorded (claim C7).
 
-Group commit.  Appenders (gRPC server threads) only build their record under
-the lock, which fixes its sequence number and hash link, queue it, and wait.
-One writer thread takes everything queued, writes it with one write(2) and
-one fsync(2), then wakes the appenders whose records it covered.  While it
-waits for the disk, new records queue up for the next batch, so under
-concurrency there are far fewer fsyncs than records.  ``durable=False`` skips
-every fsync (tests and benchmarks; a crash may lose acknowledged records).
+Group commit.  An appender builds its record under the lock, which fixes
+its sequence number and hash link, and queues it.  Whoever then finds no
+flush under way becomes the *flusher*: it takes everything queued, writes it
+with one write(2) and one fsync(2) outside the lock, marks it durable and
+wakes the appenders whose records it covered.  While it waits for the disk,
+new records queue up; the first of their appenders to wake after the flush
+flushes them all, so under concurrency there are far fewer fsyncs than
+records.  An appender that waits for its record flushes it itself: no other
+thread must be woken and scheduled twice (to take the batch, then to hand
+the appender back its answer), which on a busy two-core host costs a
+noticeable part of an fsync.  One flush runs at a time (``_flushing``), so
+batches reach the file in sequence order.  The writer thread flushes what
+nobody waits for (``wait=False``) and writes the checkpoints that fall due
+with time.  ``durable=False`` skips every fsync (tests and benchmarks; a
+crash may lose acknowledged records).
 
-Checkpoints.  The writer appends a signed checkpoint after
+Checkpoints.  A flush appends a signed checkpoint after
 ``policy.every`` records or ``policy.interval`` seconds (``checkpoint.py``),
 and a final one on :meth:`AuditLog.close`; a new log begins with a genesis
-checkpoint.  After writing a batch that holds a checkpoint it replaces
-``audit.head``.
+checkpoint.  After writing a batch that holds a checkpoint the flusher
+replaces ``audit.head``.
 
 Opening.  The whole chain is read and verified (``chain.Verifier``), and
 checked against ``audit.head``; any failure refuses to open with
@@ -78,6 +86,7 @@ What it cannot detect, by design:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -279,6 +288,8 @@ class AuditLog:
         self._work = threading.Condition(self._lock)  # the writer waits here for records
         self._done = threading.Condition(self._lock)  # appenders wait here for durability
         self._pending: list[Record] = []
+        self._flushing = False  # a batch is being written and fsynced (by an appender or the writer)
+        self._writer_asleep = False  # the writer waits with no deadline or for a flush: wake it after one
         self._failure: str | None = None
         self._closing = False
         self._closed = False
@@ -375,7 +386,6 @@ class AuditLog:
                 sequence = last.sequence
             else:
                 sequence = self._enqueue_checkpoint()
-                self._work.notify()
             self._wait(sequence)
             return sequence
 
@@ -393,9 +403,10 @@ class AuditLog:
 
     def _enqueue(self, record: Record, wait: bool) -> int:
         self._pending.append(record)
-        self._work.notify()
         if wait:
             self._wait(record.sequence)
+        elif not self._flushing:
+            self._work.notify()  # nobody waits for this record: the writer flushes it
         return record.sequence
 
     def _enqueue_checkpoint(self) -> int:
@@ -405,35 +416,64 @@ class AuditLog:
         return record.sequence
 
     def _wait(self, sequence: int) -> None:
+        """Return once ``sequence`` is durable, flushing it in this thread if no flush is under way."""
         while self._durable_sequence < sequence:
             if self._failure is not None:
                 raise AuditLogError(self._failure)
-            self._done.wait()
+            if self._flushing:
+                self._done.wait()  # the flush under way may cover ``sequence``; if not, lead the next one
+            else:
+                self._flush()  # the record is queued: no batch is in flight that could hold it
 
-    # --- the writer thread ---
+    # --- flushing (an appender or the writer thread; one at a time) ---
 
-    def _run(self) -> None:
+    def _flush(self) -> None:
+        """Write and fsync everything queued, with a checkpoint if one is due.  Called and returns with the lock held.
+
+        The I/O runs without the lock, so appenders keep queueing for the next batch meanwhile.
+        A failed write or fsync fails the log closed for good: nothing after it can be made durable in order.
+        """
+        elapsed = time.monotonic() - self._last_checkpoint_time
+        unsigned = self._builder.unsigned
+        if unsigned and (self._closing or self.policy.due(unsigned, elapsed)):
+            self._enqueue_checkpoint()
+        batch, self._pending = self._pending, []
+        self._flushing = True
+        self._lock.release()
         try:
-            while (batch := self._next_batch()) is not None:
-                self._write_batch(batch)
-        except BaseException as exc:  # a failed write or fsync: fail closed, for good
+            self._write_batch(batch)
+        except BaseException as exc:
             with self._lock:
                 self._failure = f"writing the audit log failed: {exc!r}"
+                self._flushing = False
                 self._done.notify_all()
+                self._work.notify()
+            if isinstance(exc, Exception):
+                raise AuditLogError(self._failure) from exc
+            raise
+        finally:
+            self._lock.acquire()
 
-    def _next_batch(self) -> list[Record] | None:
-        with self._lock:
-            while True:
-                elapsed = time.monotonic() - self._last_checkpoint_time
-                unsigned = self._builder.unsigned
-                if unsigned and (self._closing or self.policy.due(unsigned, elapsed)):
-                    self._enqueue_checkpoint()
-                if self._pending:
-                    batch, self._pending = self._pending, []
-                    return batch
-                if self._closing:
-                    return None
-                self._work.wait(self.policy.wait(unsigned, elapsed))
+    def _run(self) -> None:
+        """The writer thread: flushes records nobody waits for and checkpoints that fall due with time."""
+        with contextlib.suppress(BaseException):  # a failed flush has set ``_failure`` and woken everyone
+            with self._lock:
+                while True:
+                    if self._failure is not None:
+                        return
+                    deadline: float | None = None
+                    if not self._flushing:
+                        elapsed = time.monotonic() - self._last_checkpoint_time
+                        unsigned = self._builder.unsigned
+                        if self._pending or (unsigned and (self._closing or self.policy.due(unsigned, elapsed))):
+                            self._flush()
+                            continue
+                        if self._closing:
+                            return
+                        deadline = self.policy.wait(unsigned, elapsed)
+                    self._writer_asleep = deadline is None
+                    self._work.wait(deadline)
+                    self._writer_asleep = False
 
     def _write_batch(self, batch: list[Record]) -> None:
         lines = [record.encode() + b"\n" for record in batch]
@@ -454,7 +494,11 @@ class AuditLog:
             self._records += len(batch)
             self._batches += 1
             self._checkpoints += len(checkpoints)
+            self._flushing = False
             self._done.notify_all()
+            if self._pending or self._writer_asleep:
+                # Records nobody waits for, or a writer that must (re)arm its checkpoint deadline or finish a close.
+                self._work.notify()
 
     def _write_head(self, record: CheckpointRecord) -> None:
         temporary = self.directory / f".{HEAD_NAME}.tmp"
@@ -470,7 +514,7 @@ class AuditLog:
     def _fsync(self, fd: int) -> None:
         if self.durable:
             os.fsync(fd)
-            self._fsyncs += 1  # only the writer thread (or the opener, before it starts) gets here
+            self._fsyncs += 1  # only the one flusher (or the opener, before the writer starts) gets here
 
     # --- reading ---
 

@@ -19,9 +19,10 @@ Every case checks what docs/reliability.md promises, in ``Host.settled``:
    oversized message, a failed TLS handshake, a stream that never sends its request) leave no record,
    and the cases say so explicitly, so that a change either way is noticed.
 
-One case is a known failure, marked ``xfail(strict=True)`` with the defect in the reason; it turns
-into a failure the moment the defect is fixed, so that the mark is removed with the fix.  Two more
-(too many unknown fields, one short deadline taking the agent link down) were found here and fixed.
+Three defects were found here and fixed: too many unknown fields, one short deadline taking the agent
+link down, and (D3) callers stalled mid-request holding every worker thread of the synchronous gRPC
+server (the controller now serves with grpc.aio, where a call waiting for its request holds no thread:
+controller/grpc_service.py, ``Server``).
 """
 
 from __future__ import annotations
@@ -902,22 +903,20 @@ def test_a_few_callers_stalled_mid_request_leave_the_others_served(host: Host, b
             error = call.exception(timeout=20)
             assert isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.UNIMPLEMENTED
             assert "requires exactly one request message" in error.details()
-    # The proper call is the one record: the stalled streams were refused by grpc before any handler ran.
+    # The proper call is the one record: the stalled streams were refused before the pipeline ran
+    # (controller/grpc_service.py, _unary_on_pool), as the synchronous grpc server refused them.
     host.settled(before, [(IM, "ListInstances", ALLOWED, "OK")])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    f"BUG (issue 6 §3): the synchronous grpc server reads a unary request inside a worker thread, so "
-    f"{WORKERS} streams that send headers but never their message hold all {WORKERS} workers of "
-    "controller/grpc_service.py::build_server until the client gives up; a client with any certificate "
-    "of the CA (no principal needed: authentication runs in the handler) stops the controller serving"))
 def test_callers_stalled_mid_request_do_not_starve_the_server(host: Host, before: Before) -> None:
+    """D3 (issue 6 §3): four times as many stalled streams as the server has workers, from a client with no
+    principal; a proper call is served at once, because a call waiting for its request holds no thread."""
     release = threading.Event()
     ca = load_ca(host.controller.pki.directory)
     stranger = issue_client_cert(ca, None)
     with host.new_channel(cert=stranger.certificate_pem, key=stranger.private_key_pem()) as channel:
         calls = [channel.stream_unary(SERVICE + "ListInstances").future(_stall_until(release))
-                 for _ in range(WORKERS)]
+                 for _ in range(4 * WORKERS)]
         try:
             time.sleep(0.5)
             started = time.monotonic()
@@ -931,4 +930,4 @@ def test_callers_stalled_mid_request_do_not_starve_the_server(host: Host, before
             release.set()
             for call in calls:
                 call.exception(timeout=20)
-    assert served and waited < 1.0, f"a proper call waited {waited:.1f} s behind {WORKERS} stalled streams"
+    assert served and waited < 1.0, f"a proper call waited {waited:.1f} s behind {4 * WORKERS} stalled streams"
