@@ -29,4 +29,5 @@ BENCHMARKS: dict[str, Benchmark] = {
     "volume": Benchmark("bench.volume", "sequential write/read inside a guest: encrypted volume vs plain raw file"),
     "load": Benchmark("bench.load", "64 mixed-role clients under the shipped rate limits (sim), then a qemu lifecycle "
                                     "loop: latency vs one client, RSS at end vs start"),
+    "scale": Benchmark("bench.scale", "1,000 sim instances: latency, RSS; 1M audit records; agent restart with 50"),
 }

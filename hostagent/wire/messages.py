@@ -178,6 +178,7 @@ class ErrorCode(enum.IntEnum):
     DEVICE_REJECTED = 30
     BACKEND_FAILURE = 31
     TIMEOUT = 32
+    TOO_MANY_INSTANCES = 33
     INTERNAL = 255
 
 

@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from inventory.fakesysfs import FakeKernel, FakePciHost, write_cpu_tree
 
+from hostagent import state as state_module
 from hostagent.backends.sim import SimBackend
 from hostagent.images import ImageStore, PublishedImage, publish
 from hostagent.inventory import allocator as alloc
@@ -127,6 +128,21 @@ def test_assign_binds_to_vfio_and_release_gives_it_back(host: Host) -> None:
         assert released == m.VfStatus(iid, pci(VF0), 0, m.VfState.RELEASED)
         assert host.pci.driver_of(VF0) != "vfio-pci" and host.pci.override_of(VF0) is None
         assert host.service.vf_pool.snapshot().vfs_free == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_start_beyond_the_instance_bound_says_so_and_changes_nothing(host: Host,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound on instance records is its own refusal, not INSUFFICIENT_CORES (the host has cores left)."""
+    monkeypatch.setattr(state_module, "MAX_INSTANCES", 1)
+
+    async def scenario() -> None:
+        await started(host)
+        before = observed(host)
+        command = m.StartInstance(uuid.uuid4(), 2, 256, host.image.digest, host.image.signature)
+        assert await host.service.handle(command) == m.Error(m.ErrorCode.TOO_MANY_INSTANCES)
+        assert observed(host) == before
 
     asyncio.run(scenario())
 

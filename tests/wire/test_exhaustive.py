@@ -103,7 +103,7 @@ BOOL = Rule(lambda v: v in (0, 1), "non_canonical")
 PCI_RULES = {"domain": span(0, 0xFFFF), "bus": span(0, 0xFF), "device": span(0, 31), "function": span(0, 7)}
 VCPUS, MEMORY = span(1, 128), span(64, 1 << 20)
 INSTANCE_STATES = one_of(1, 2, 3, 4, 5)
-ERROR_CODES = one_of(1, 2, *range(16, 33), 255)
+ERROR_CODES = one_of(1, 2, *range(16, 34), 255)
 
 
 def _pci(prefix: str) -> dict[tuple[str, ...], Rule]:
