@@ -36,10 +36,11 @@ each side is reported; every round is printed on stderr.
   Target ratio <= 1.2.
 
 What ours does and the hand launch does not: the agent runs QEMU as the unprivileged
-``passivisor-qemu`` user when it exists (claim C15) and pins its threads (C9); it checks which
-root port is free (``qom-list``, ``qom-get``) before ``device_add``.  The hand launch runs QEMU as
-this process's user, unpinned.  Needs QEMU; skipped with a message on stderr when it is not
-installed.
+``passivisor-qemu`` user when it exists (claim C15); it checks which root port is free
+(``qom-list``, ``qom-get``) before ``device_add``.  The hand launch runs QEMU as this process's
+user, on the host CPUs the agent gave ours (the agent pins every QEMU thread to them, C9; the hand
+launch sets the same affinity before exec, as ``taskset -c`` would).  Needs QEMU; skipped with a
+message on stderr when it is not installed.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Round:
     ready: float  # start until PASSIVISOR-GUEST-READY
     visible: float  # attach until a PASSIVISOR-DISKS line lists the disk
     attached: float  # attach until the AttachVolume answer (ours) or the device_add answer (by hand)
+    cores: tuple[int, ...]  # the host CPUs QEMU ran on (ours: the agent's allocation; by hand: the same)
 
 
 # --- the guest's console ---------------------------------------------------------------
@@ -208,8 +210,12 @@ class HandQmp:
 # --- one side's round --------------------------------------------------------------------
 
 
-def _hand_round(binary: str, guest: GuestImage, directory: Path, volume: Path) -> Round:
-    """Launch the agent's QEMU command line by hand, wait for the guest, hot-plug the volume by hand."""
+def _hand_round(binary: str, guest: GuestImage, directory: Path, volume: Path, cores: tuple[int, ...]) -> Round:
+    """Launch the agent's QEMU command line by hand on ``cores``, wait for the guest, hot-plug the volume by hand.
+
+    The agent pins every QEMU thread to the instance's cores; the hand launch runs on the same cores
+    (as ``taskset -c``), so that both guests boot on the same CPU, whatever else the machine runs.
+    """
     spec = LaunchSpec(uuid.uuid4(), 1, MEMORY_MIB, (0,), guest.kernel, guest.initramfs, guest.cmdline, directory)
     options = cmdline.QemuOptions(binary=binary, accel=cmdline.Accel.TCG)
     paths = cmdline.RuntimePaths.for_dir(directory)
@@ -225,7 +231,8 @@ def _hand_round(binary: str, guest: GuestImage, directory: Path, volume: Path) -
     connections: list[socket.socket] = []
     started = time.perf_counter()
     qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores))
     try:
         monitor, _ = listeners[0].accept()
         connections.append(monitor)
@@ -263,7 +270,7 @@ def _hand_round(binary: str, guest: GuestImage, directory: Path, volume: Path) -
         for sock in connections + listeners:
             sock.close()
         shutil.rmtree(directory, ignore_errors=True)
-    return Round(qmp_ready, ready, visible, attached)
+    return Round(qmp_ready, ready, visible, attached, cores)
 
 
 def _token() -> str:
@@ -278,7 +285,7 @@ def _our_round(agent: agenthost.AgentHost, manager: Any, attacher: Any) -> Round
         file.truncate(VOLUME_BYTES)
     console = LogConsole(agent.runtime_dir / iid.hex / cmdline.CONSOLE_LOG)
     started = time.perf_counter()
-    manager.StartInstance(pb.StartInstanceRequest(
+    answer = manager.StartInstance(pb.StartInstanceRequest(
         client_token=_token(), instance_id=str(iid), vcpus=1, memory_mib=MEMORY_MIB,
         image_digest=agent.image_digest, image_signature=agent.image_signature), timeout=CALL_TIMEOUT_S)
     try:
@@ -297,7 +304,7 @@ def _our_round(agent: agenthost.AgentHost, manager: Any, attacher: Any) -> Round
         manager.StopInstance(pb.StopInstanceRequest(client_token=_token(), instance_id=str(iid),
                                                     mode=pb.STOP_MODE_FORCE), timeout=CALL_TIMEOUT_S)
         volume.unlink()
-    return Round(qmp_ready, ready, visible, attached)
+    return Round(qmp_ready, ready, visible, attached, tuple(answer.instance.host_cpus))
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -353,10 +360,13 @@ def _measure(agent: agenthost.AgentHost, controller: controllerhost.ControllerHo
                     hand_volume = root / f"hand{round_no}.raw"
                     with open(hand_volume, "wb") as file:
                         file.truncate(VOLUME_BYTES)
-                    sample = _hand_round(binary, guest, root / f"hand{round_no}", hand_volume)
+                    # The cores the agent gave ours (it allocates the lowest free ones: the same each round).
+                    cores = samples["ours"][-1].cores if samples["ours"] else (0,)
+                    sample = _hand_round(binary, guest, root / f"hand{round_no}", hand_volume, cores)
                     hand_volume.unlink()
                 samples[side].append(sample)
-                print(f"  round {round_no + 1}/{rounds} {side:4}: qmp ready {sample.qmp_ready * 1000:7.1f} ms"
+                print(f"  round {round_no + 1}/{rounds} {side:4} on CPUs {sample.cores}: "
+                      f"qmp ready {sample.qmp_ready * 1000:7.1f} ms"
                       f"  guest ready {sample.ready * 1000:7.1f} ms  disk visible {sample.visible * 1000:7.1f} ms"
                       f" (attached {sample.attached * 1000:6.1f} ms)",
                       file=sys.stderr, flush=True)
