@@ -17,9 +17,15 @@ times one sequential write pass and one sequential read pass of N MiB with
 What the figures mean.  Under TCG only the guest's instructions are
 emulated; QEMU and nbdkit move the data at native speed, so the ratio shows
 what the encrypted path (an NBD hop and AES-XTS in nbdkit) costs relative to
-QEMU reading a file.  The read pass reads what the write pass just wrote, so
-on the host it is served from the page cache (of the raw file, or of the
-LUKS file under nbdkit): an upper bound for both sides.  The write pass is
+QEMU reading a file.  docs/performance.md measures where that cost lies: the
+guest sends one 1 MiB request at a time; writes are bounded by the NBD
+transport itself (nbdkit without the luks filter writes no faster in the
+guest), reads by the luks filter's one 512-byte pread per sector (AES is a
+small part); QEMU's own luks driver is slower.  The raw write pass is bimodal
+from round to round, so use several rounds (the full profile) before reading
+much into one write ratio.  The read pass reads what the write pass just
+wrote, so on the host it is served from the page cache (of the raw file, or
+of the LUKS file under nbdkit): an upper bound for both sides.  The write pass is
 not flushed to the host disk.  Volume creation (``qemu-img create``, about
 2.4 s) is not timed.
 """

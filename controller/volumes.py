@@ -67,6 +67,15 @@ correct") or when the cipher suite is one it does not implement (ESSIV, twofish,
 failure ends in a SIGSEGV (an upstream bug).  A crashing process that holds the passphrase is exactly what
 must not happen, so ``serve`` refuses both cases before nbdkit exists.
 
+Why nbdkit, and what it costs.  Sequential I/O through this path runs at a fraction of a plain file's in the
+guest (``python -m bench volume``; measured in docs/performance.md, "Encrypted volume I/O"): reads because
+nbdkit 1.32's luks filter makes one 512-byte pread (and pwrite) per LUKS sector, writes because of the NBD
+hop itself under TCG.  QEMU's own luks driver (``qemu-storage-daemon``, ``qemu-nbd``) is no faster here
+(nettle's AES-XTS, one thread) and would give up properties this module relies on: it needs a listening
+socket instead of ``-s`` on a socketpair, and it does not always end when its client goes away (the reaper
+and the unknown-outcome handling of ``encrypted_attach.py`` depend on that).  Kernel dm-crypt would put the
+key in the kernel and a plaintext device on the host.
+
 Core dumps and ptrace.  :func:`disable_core_dumps`, called once by the controller's ``main``, sets
 RLIMIT_CORE to 0 (soft and hard, so no child can raise it again) in the controller process; nbdkit and
 qemu-img inherit it, so a crash writes no core file with the passphrase or master key in it.  (A
