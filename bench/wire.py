@@ -118,7 +118,7 @@ def _sample_events() -> Events:
 
 def _sample_instance_list() -> InstanceList:
     states = (InstanceState.RUNNING,) * 5 + (InstanceState.STARTING, InstanceState.STOPPING, InstanceState.STOPPED)
-    return InstanceList(tuple(
+    return InstanceList(more=False, instances=tuple(
         InstanceSummary(instance_id=iid, state=states[i % len(states)], vcpus=2 << (i % 3),
                         memory_mib=1024 << (i % 4))
         for i, iid in enumerate(_sorted_ids("instance", 16))
@@ -141,7 +141,7 @@ MESSAGES: dict[MessageType, Any] = {
                           vlan=100),
     T.RELEASE_VF: ReleaseVf(instance_id=_INSTANCE, vf=_VF),
     T.DESCRIBE_INSTANCE: DescribeInstance(instance_id=_INSTANCE),
-    T.LIST_INSTANCES: ListInstances(),
+    T.LIST_INSTANCES: ListInstances(after=_INSTANCE),
     T.GET_METRICS: GetMetrics(),
     T.GET_EVENTS: GetEvents(after=1000, limit=16),
     T.PONG: Pong(token=0x0123_4567_89AB_CDEF),
@@ -174,7 +174,7 @@ _MAC_SIZE = 32
 _FLAG_MAC = 0x0001
 _S = struct.Struct
 # Payload layouts (docs/wire-format.md), precompiled once.  Lists are a u8 count, then the items.
-_NONCE, _TWO_NONCES, _U64, _U16 = _S(">32s"), _S(">32s32s"), _S(">Q"), _S(">H")
+_NONCE, _TWO_NONCES, _U64, _U16, _BOOL = _S(">32s"), _S(">32s32s"), _S(">Q"), _S(">H"), _S(">?")
 _START, _STOP, _ATTACH, _TWO_IDS, _ID = _S(">16sHI32s64s"), _S(">16sBH"), _S(">16s16sB?"), _S(">16s16s"), _S(">16s")
 _ASSIGN_VF, _RELEASE_VF, _VF_STATUS = _S(">16sHBBB6sH"), _S(">16sHBBB"), _S(">16sHBBBHB")
 _GET_EVENTS, _VOLUME_STATUS, _INFO_HEAD = _S(">QB"), _S(">16s16sB"), _S(">16sBHI32s")
@@ -248,8 +248,13 @@ def _describe_instance(data: bytes, o: int) -> dict[str, Any]:
     return {"instance_id": instance_id}
 
 
-def _empty(data: bytes, o: int) -> dict[str, Any]:  # LIST_INSTANCES and GET_METRICS
+def _empty(data: bytes, o: int) -> dict[str, Any]:  # GET_METRICS
     return {}
+
+
+def _list_instances(data: bytes, o: int) -> dict[str, Any]:
+    (after,) = _ID.unpack_from(data, o)
+    return {"after": after}
 
 
 def _get_events(data: bytes, o: int) -> dict[str, Any]:
@@ -271,7 +276,8 @@ def _instance_info(data: bytes, o: int) -> dict[str, Any]:
 
 
 def _instance_list(data: bytes, o: int) -> dict[str, Any]:
-    return {"instances": _items(_SUMMARY, data, o)[0]}
+    (more,) = _BOOL.unpack_from(data, o)
+    return {"more": more, "instances": _items(_SUMMARY, data, o + 1)[0]}
 
 
 def _volume_status(data: bytes, o: int) -> dict[str, Any]:
@@ -302,7 +308,7 @@ _PARSERS: dict[int, Parser] = {
     T.HELLO: _hello, T.CHALLENGE: _challenge, T.PROOF: _proof,
     T.PING: _token, T.START_INSTANCE: _start_instance, T.STOP_INSTANCE: _stop_instance,
     T.ATTACH_VOLUME: _attach_volume, T.DETACH_VOLUME: _detach_volume, T.ASSIGN_VF: _assign_vf,
-    T.RELEASE_VF: _release_vf, T.DESCRIBE_INSTANCE: _describe_instance, T.LIST_INSTANCES: _empty,
+    T.RELEASE_VF: _release_vf, T.DESCRIBE_INSTANCE: _describe_instance, T.LIST_INSTANCES: _list_instances,
     T.GET_METRICS: _empty, T.GET_EVENTS: _get_events,
     T.PONG: _token, T.INSTANCE_INFO: _instance_info, T.INSTANCE_LIST: _instance_list,
     T.VOLUME_STATUS: _volume_status, T.VF_STATUS: _vf_status, T.METRICS: _metrics,

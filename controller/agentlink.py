@@ -44,6 +44,18 @@ ANSWERS: dict[type, tuple[type, ...]] = {
 }
 
 
+def _within_cursor(command: m.Message, answer: m.Message) -> bool:
+    """An INSTANCE_LIST page starts after the cursor it was asked for (docs/wire-format.md, LIST_INSTANCES).
+
+    The codec already made the page strictly ordered, so checking its first entry checks them all; a
+    page walk therefore always moves forward, whatever the agent answers.
+    """
+    if not isinstance(command, m.ListInstances) or not isinstance(answer, m.InstanceList):
+        return True
+    return (command.after is None or not answer.instances
+            or answer.instances[0].instance_id.bytes > command.after.bytes)
+
+
 class AgentLinkError(Exception):
     """The link is unusable.  ``anomaly`` marks behaviour no honest agent shows."""
 
@@ -113,6 +125,9 @@ class AgentLink:
             self.close()
             raise AgentLinkError(f"agent answered {type(message).__name__} with {type(answer).__name__}",
                                  anomaly=True)
+        if not _within_cursor(message, answer):
+            self.close()
+            raise AgentLinkError("agent listed an instance that does not sort after the page cursor", anomaly=True)
         return answer
 
     def close(self) -> None:

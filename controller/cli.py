@@ -113,6 +113,7 @@ MAX_ENVELOPE = 1024  # AttachVolumeRequest.envelope max_len
 AUDIT_PAGE = 1000  # ReadAuditLogRequest.max_records max
 VERIFY_PAGE = AUDIT_PAGE  # page size of the audit verify walk
 EVENTS_PAGE = 64  # PollEventsRequest.max_events max
+LIST_PAGE = 256  # ListInstancesRequest.page_size max
 # A page of 1000 audit records is at most about 1000 * (8 KiB line + its decoded view); gRPC's default 4 MiB
 # receive limit could refuse a legitimate page, and an unbounded one would let a server exhaust memory.
 MAX_RECEIVE_BYTES = 32 << 20
@@ -679,14 +680,35 @@ def run_describe(session: Session) -> int:
     return EXIT_OK
 
 
+def listed_instances(session: Session) -> list[Any]:
+    """Every instance the host knows, walking ListInstances page by page until next_page_token is empty.
+
+    A page after the first waits out a short rate limit, as the audit walk does, so a long listing does not
+    fail half-way.  Each token must sort after the one before (it is the id of the last instance of its
+    page, and pages are ordered by id): a server that does not move forward is refused, not followed.
+    """
+    instances: list[Any] = []
+    token = ""
+    while True:
+        response = session.call(Method.LIST_INSTANCES, pb.ListInstancesRequest(page_size=LIST_PAGE, page_token=token),
+                                wait_out_rate_limits=bool(token))
+        instances.extend(response.instances)
+        if not response.next_page_token:
+            return instances
+        if response.next_page_token <= token:
+            raise CommandFailed("list", f"ListInstances answered next_page_token "
+                                        f"{_printable(response.next_page_token[:64])!r}, which does not move forward")
+        token = response.next_page_token
+
+
 def run_list(session: Session) -> int:
-    response = session.call(Method.LIST_INSTANCES, pb.ListInstancesRequest())
+    instances = listed_instances(session)
     if session.as_json:
-        session.print_json(_to_dict(response))
+        session.print_json({"instances": [_to_dict(summary) for summary in instances]})
         return EXIT_OK
-    if not response.instances:
+    if not instances:
         session.print("(no instances)")
-    for summary in response.instances:
+    for summary in instances:
         state = _enum_name(pb.InstanceState, summary.state, "INSTANCE_STATE_")
         session.print(f"{_printable(summary.instance_id)} {state} vcpus={summary.vcpus} "
                       f"memory_mib={summary.memory_mib}")

@@ -64,6 +64,7 @@ log = logging.getLogger("passivisor.controller")
 SERVICE = "passivisor.v1.HostController"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}
+DEFAULT_PAGE_SIZE = 64  # ListInstancesRequest.page_size when absent: one agent page
 MAX_VIOLATIONS_SHOWN = 20  # field violations sent back with INVALID_ARGUMENT; the rest are counted
 
 REQUESTS: dict[pol.Method, type[Any]] = {
@@ -174,7 +175,11 @@ def _command(method: pol.Method, request: Any) -> tuple[m.Message | None, pol.Re
         iid = _uuid(request.instance_id)
         cmd, facts, params = m.DescribeInstance(iid), pol.RequestFacts(instance_id=iid), {"instance_id": iid}
     elif method is M.LIST_INSTANCES:
-        cmd, facts, params = m.ListInstances(), pol.NO_FACTS, {}
+        # The page token is the canonical id of the last instance of the previous page (its pattern
+        # constraint made it canonical and not nil); the agent lists from after it (LIST_INSTANCES).
+        after = _uuid(request.page_token) if request.page_token else None
+        cmd, facts = m.ListInstances(after), pol.NO_FACTS
+        params = {"page_size": request.page_size or DEFAULT_PAGE_SIZE, "page_token": request.page_token}
     elif method is M.POLL_EVENTS:
         cmd = m.GetEvents(request.after_cursor, request.max_events)
         facts, params = pol.NO_FACTS, {"after_cursor": request.after_cursor, "max_events": request.max_events}
@@ -352,7 +357,7 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             raise ControllerError(Code.DEADLINE_EXCEEDED, "the deadline passed before the call started")
         if not mutating:
             try:
-                response = self._execute(method, request, command, timeout, None)
+                response = self._execute(principal, method, request, command, timeout, None)
             except ControllerError as exc:
                 self._record(principal, name, summary, Decision.ALLOWED, Outcome[exc.code.value])
                 raise
@@ -391,7 +396,7 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         assert isinstance(outcome, New)
         intent = self.audit.begin(audit_principal(principal), audit_method(name), summary)
         try:
-            response = self._execute(method, request, command, timeout, envelope)
+            response = self._execute(principal, method, request, command, timeout, envelope)
         except ControllerError as exc:
             self.audit.finish(intent, Outcome[exc.code.value])
             if exc.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
@@ -406,7 +411,7 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     # --- execution ---------------------------------------------------------------------
 
-    def _execute(self, method: pol.Method, request: Any, command: m.Message | None, timeout: float,
+    def _execute(self, principal: str, method: pol.Method, request: Any, command: m.Message | None, timeout: float,
                  envelope: Envelope | None) -> Any:
         M = pol.Method
         if method is M.GET_HOST_IDENTITY:
@@ -424,6 +429,8 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         if method is M.READ_AUDIT_LOG:
             return self._read_audit(request)
         assert command is not None
+        if isinstance(command, m.ListInstances):
+            return self._list_instances(principal, command, request.page_size or DEFAULT_PAGE_SIZE, timeout)
         mutating = pol.METHODS[method].mutating
         if envelope is not None:
             assert self.encrypted is not None and isinstance(command, m.AttachVolume)
@@ -449,14 +456,44 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         if isinstance(answer, m.VfStatus):
             return RESPONSES[method](instance_id=str(answer.instance_id), virtual_function=_pb_pci(answer.vf),
                                      vf_index=answer.vf_index, state=int(answer.state))
-        if isinstance(answer, m.InstanceList):
-            return pb.ListInstancesResponse(instances=[
-                pb.InstanceSummary(instance_id=str(i.instance_id), state=int(i.state),  # type: ignore[arg-type]
-                                   vcpus=i.vcpus,
-                                   memory_mib=i.memory_mib) for i in answer.instances])
         if isinstance(answer, m.Events):
             return pb.PollEventsResponse(next_cursor=answer.next_cursor, events=[_event(e) for e in answer.events])
         raise ControllerError(Code.INTERNAL, f"unexpected answer {type(answer).__name__}")
+
+    def _list_instances(self, principal: str, command: m.ListInstances, page_size: int, timeout: float) -> Any:
+        """One ListInstances page of the instances in ``principal``'s scope, within one deadline.
+
+        A principal limited to instance-id prefixes (``instance_id_prefixes`` in the policy) is shown only
+        the instances in its scope: the others are skipped here, and ``next_page_token`` is always the id
+        of an instance it was shown, so no id outside its scope leaves the controller.  Each agent page
+        (LIST_INSTANCES) holds at most MAX_LISTED_INSTANCES instances and continues from the last instance
+        the agent listed; the agent link already refused any page that does not start after its cursor,
+        so the walk always moves forward, and a page costs at most one round trip per 64 instances on the
+        host.  ``next_page_token`` is set when the page is full and more instances in scope were seen, or
+        the agent has more to list (the next page may then be empty).
+        """
+        deadline = time.monotonic() + timeout
+        taken: list[m.InstanceSummary] = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ControllerError(Code.DEADLINE_EXCEEDED, "the deadline passed while reading the instances")
+            answer = self.agent.request(command, timeout=remaining, mutating=False)
+            if not isinstance(answer, m.InstanceList):
+                raise ControllerError(Code.INTERNAL, f"unexpected answer {type(answer).__name__}")
+            visible = [i for i in answer.instances if self.policy.instance_in_scope(principal, i.instance_id)]
+            room = page_size - len(taken)
+            taken.extend(visible[:room])
+            if len(taken) == page_size and (len(visible) > room or answer.more):
+                next_token = str(taken[-1].instance_id)
+                break
+            if not answer.more:
+                next_token = ""
+                break
+            command = m.ListInstances(answer.instances[-1].instance_id)
+        return pb.ListInstancesResponse(next_page_token=next_token, instances=[
+            pb.InstanceSummary(instance_id=str(i.instance_id), state=int(i.state),  # type: ignore[arg-type]
+                               vcpus=i.vcpus, memory_mib=i.memory_mib) for i in taken])
 
     def _volume_gone(self, instance_id: uuid.UUID, volume_id: uuid.UUID) -> None:
         """The agent says the volume is not attached (any more): end its encryption server, if any."""

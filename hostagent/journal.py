@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from .backend import VmRecord
-from .state import MAX_EVENTS, AgentState, EventQueue, Instance, VfAttachment, VolumeAttachment
+from .state import MAX_EVENTS, MAX_INSTANCES, AgentState, EventQueue, Instance, VfAttachment, VolumeAttachment
 from .wire.messages import Event, EventKind, EventReason, InstanceState, PciAddress, VolumeSource
 
 FORMAT = "passivisor-agent-journal/v1"
-MAX_JOURNAL_BYTES = 4 << 20
+# The largest state the agent can hold is MAX_INSTANCES (1024) records, each with 16 volumes, 8 VFs and
+# their device ids, plus MAX_EVENTS events: about 4.5 MiB (tests/hostagent/test_journal.py builds it).
+# The cap leaves room above that, so a full host always restarts (C10), and still bounds the read.
+MAX_JOURNAL_BYTES = 16 << 20
 
 
 class JournalError(Exception):
@@ -219,6 +222,8 @@ def loads(data: bytes) -> AgentState:
     instances = [_instance_from_json(item, f"instances[{i}]") for i, item in enumerate(top.array("instances"))]
     if len({i.instance_id for i in instances}) != len(instances):
         raise JournalError("instances: duplicate instance id")
+    if len(instances) > MAX_INSTANCES:
+        raise JournalError(f"instances: more than {MAX_INSTANCES}")
     ev = _Reader(top.value["events"], "events").keys("next_cursor", "dropped", "queue")
     queue = [_event_from_json(item, f"events.queue[{i}]") for i, item in enumerate(ev.array("queue"))]
     if len(queue) > MAX_EVENTS:

@@ -319,8 +319,12 @@ class AgentService:
         return self._info(self.state.get(cmd.instance_id))
 
     async def _list(self, cmd: m.ListInstances, fds: Sequence[int]) -> m.Message:
-        return m.InstanceList(tuple(m.InstanceSummary(i.instance_id, i.state, i.vcpus, i.memory_mib)
-                                    for i in self.state.instances()))
+        # One page (docs/wire-format.md, LIST_INSTANCES): the instances whose id sorts after the cursor, in
+        # the order INSTANCE_LIST requires.  The cursor need not name an instance that still exists, so a
+        # walk goes on past an instance forgotten between two pages.
+        page, more = self.state.page(cmd.after, m.MAX_LISTED_INSTANCES)
+        return m.InstanceList(more, tuple(m.InstanceSummary(i.instance_id, i.state, i.vcpus, i.memory_mib)
+                                          for i in page))
 
     async def _metrics(self, cmd: m.GetMetrics, fds: Sequence[int]) -> m.Message:
         cores = self.allocator.snapshot()

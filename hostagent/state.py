@@ -47,7 +47,11 @@ from .wire.messages import (
     VolumeSource,
 )
 
-MAX_INSTANCES = 64  # what one INSTANCE_LIST frame can carry
+# Instance records the agent keeps (STOPPED and FAILED ones are forgotten, oldest-listed first, to make
+# room).  More than one INSTANCE_LIST frame carries (wire MAX_LISTED_INSTANCES = 64): LIST_INSTANCES pages
+# with a cursor (``page``).  The bound keeps the journal, a page walk (16 frames) and the sorting in
+# ``instances`` small.
+MAX_INSTANCES = 1024
 MAX_EVENTS = 1024
 
 
@@ -187,6 +191,13 @@ class AgentState:
 
     def instances(self) -> tuple[Instance, ...]:
         return tuple(sorted(self._instances.values(), key=lambda i: i.instance_id.bytes))
+
+    def page(self, after: uuid.UUID | None, limit: int) -> tuple[tuple[Instance, ...], bool]:
+        """At most ``limit`` instances whose id sorts after ``after`` (by its 16 bytes; None: from the first),
+        and whether more follow.  ``after`` need not name an instance that exists."""
+        start = b"" if after is None else after.bytes
+        rest = [i for i in self.instances() if i.instance_id.bytes > start]
+        return tuple(rest[:limit]), len(rest) > limit
 
     def running(self) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances() if i.state is InstanceState.RUNNING)

@@ -87,12 +87,15 @@ def down(directory: Path) -> dict[str, Any]:
         try:
             link = AgentLink(agent.socket, agent.secret(), timeout=60)
             link.connect()
-            listing = link.request(m.ListInstances())
-            if isinstance(listing, m.InstanceList):
+            listing = link.request(m.ListInstances(None))
+            while isinstance(listing, m.InstanceList):  # one page at a time, each after the last one's end
                 for instance in listing.instances:
                     if instance.state in (m.InstanceState.RUNNING, m.InstanceState.STARTING):
                         link.request(m.StopInstance(instance.instance_id, m.StopMode.FORCE, 0))
                         stopped.append(str(instance.instance_id))
+                if not listing.more:
+                    break
+                listing = link.request(m.ListInstances(listing.instances[-1].instance_id))
             link.close()
         except AgentLinkError as exc:
             raise DevError(f"cannot stop the instances: {exc.detail}") from None

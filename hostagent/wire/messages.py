@@ -38,6 +38,8 @@ MAX_VLAN = 4095  # 12-bit 802.1Q VLAN id; 0 means untagged
 MAX_VF_INDEX = 255
 MAX_VOLUMES_PER_INSTANCE = 16
 MAX_VFS_PER_INSTANCE = 8
+# One INSTANCE_LIST page; the agent holds more instances than that (hostagent.state.MAX_INSTANCES),
+# so LIST_INSTANCES pages with a cursor.  64 summaries take about 1.5 KiB.
 MAX_LISTED_INSTANCES = 64
 MAX_EVENTS_PER_PULL = 64
 
@@ -311,7 +313,9 @@ class DescribeInstance:
 
 @dataclass(frozen=True, slots=True)
 class ListInstances:
-    """Read all instances; answered with INSTANCE_LIST."""
+    """Read one page of instances, those whose id sorts after a cursor; answered with INSTANCE_LIST."""
+
+    after: uuid.UUID | None  # None (nil on the wire): from the first instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,8 +367,9 @@ class InstanceSummary:
 
 @dataclass(frozen=True, slots=True)
 class InstanceList:
-    """All instances known to the agent."""
+    """One page of the instances known to the agent, ordered by id."""
 
+    more: bool  # set only on a full page: instances sorting after the last one were not listed
     instances: tuple[InstanceSummary, ...]
 
 

@@ -79,6 +79,12 @@ def _event_subject(event: m.Event) -> bool:
     return (event.instance_id is None) == (event.kind in m.HOST_EVENT_KINDS)
 
 
+def _more_only_when_full(listing: m.InstanceList) -> bool:
+    # A page that is not full is the last one, so `more` never makes the controller ask for an empty page
+    # it could not tell from the end, and there is one encoding of "this is the end" per page size.
+    return not listing.more or len(listing.instances) == m.MAX_LISTED_INSTANCES
+
+
 def _stop_timeout(stop: m.StopInstance) -> bool:
     if stop.mode is m.StopMode.FORCE:
         return stop.timeout_s == 0
@@ -204,7 +210,12 @@ MESSAGES: dict[m.MessageType, MessageSpec] = {
             field("vf", PCI_ADDRESS, "the VF to release"),
         ), _TO_AGENT),
         _spec(m.MessageType.DESCRIBE_INSTANCE, Record(m.DescribeInstance, _instance_id()), _TO_AGENT),
-        _spec(m.MessageType.LIST_INSTANCES, Record(m.ListInstances), _TO_AGENT),
+        _spec(m.MessageType.LIST_INSTANCES, Record(
+            m.ListInstances,
+            field("after", Uuid(nullable=True),
+                  "list instances whose id sorts after this one (by its 16 bytes); nil = from the first; "
+                  "the id need not exist"),
+        ), _TO_AGENT),
         _spec(m.MessageType.GET_METRICS, Record(m.GetMetrics), _TO_AGENT),
         _spec(m.MessageType.GET_EVENTS, Record(
             m.GetEvents,
@@ -233,9 +244,12 @@ MESSAGES: dict[m.MessageType, MessageSpec] = {
         ), _TO_CONTROLLER),
         _spec(m.MessageType.INSTANCE_LIST, Record(
             m.InstanceList,
+            field("more", Bool(), "1: instances sorting after the last one listed follow; ask again with its id "
+                                  "as `after`"),
             field("instances", BoundedList(INSTANCE_SUMMARY, m.MAX_LISTED_INSTANCES,
                                            order_key=lambda s: s.instance_id.bytes),
-                  "instances ordered by id"),
+                  "instances ordered by id, each sorting after the request's `after`"),
+            rules=[("more is 1 only on a full page (64 instances)", _more_only_when_full)],
         ), _TO_CONTROLLER),
         _spec(m.MessageType.VOLUME_STATUS, Record(
             m.VolumeStatus,

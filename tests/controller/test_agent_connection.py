@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,7 +92,18 @@ def answer_garbage(conn: socket.socket, session: Session, frame: wire.Frame) -> 
 
 def answer_wrong_type(conn: socket.socket, session: Session, frame: wire.Frame) -> None:
     session.open(frame)
-    conn.sendall(session.seal(m.InstanceList(())))  # a well-formed answer to another command
+    conn.sendall(session.seal(m.InstanceList(False, ())))  # a well-formed answer to another command
+
+
+CURSOR = uuid.UUID("50000000-0000-4000-8000-000000000000")
+
+
+def answer_page_from(first: uuid.UUID) -> Script:
+    """Answer a LIST_INSTANCES with a page of one instance, ``first``, whatever the cursor."""
+    def script(conn: socket.socket, session: Session, frame: wire.Frame) -> None:
+        assert isinstance(session.open(frame), m.ListInstances)
+        conn.sendall(session.seal(m.InstanceList(False, (m.InstanceSummary(first, m.InstanceState.RUNNING, 1, 64),))))
+    return script
 
 
 @pytest.fixture
@@ -150,6 +162,26 @@ def test_an_absent_agent_is_unavailable_then_backoff_then_reconnect(tmp_path: Pa
     finally:
         scripted.close()
         link.close()
+
+
+@pytest.mark.parametrize("first", [CURSOR, uuid.UUID("4fffffff-ffff-4fff-bfff-ffffffffffff")],
+                         ids=["the cursor itself", "before the cursor"])
+def test_a_page_that_does_not_start_after_its_cursor_is_an_anomaly(agent: ScriptedAgent, first: uuid.UUID) -> None:
+    """A page walk must move forward (docs/wire-format.md, LIST_INSTANCES); an agent that goes back is not followed."""
+    alarms: list[str] = []
+    link = connection(agent, alarms)
+    agent.script = answer_page_from(first)
+    with pytest.raises(ControllerError) as info:
+        link.request(m.ListInstances(CURSOR), timeout=1.0)
+    assert info.value.code is Code.UNAVAILABLE
+    assert link.state is LinkState.ANOMALY and len(alarms) == 1 and "page cursor" in alarms[0]
+    after = uuid.UUID("50000000-0000-4000-8000-000000000001")
+    agent.script = answer_page_from(after)
+    time.sleep(0.25)  # the backoff
+    assert link.request(m.ListInstances(CURSOR), timeout=1.0) == m.InstanceList(
+        False, (m.InstanceSummary(after, m.InstanceState.RUNNING, 1, 64),))
+    assert link.request(m.ListInstances(None), timeout=1.0) is not None  # the nil cursor: any first page
+    link.close()
 
 
 @pytest.mark.parametrize("script", [answer_garbage, answer_wrong_type], ids=["garbage", "wrong answer type"])

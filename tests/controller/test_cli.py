@@ -139,6 +139,7 @@ class FakeController(pb_grpc.HostControllerServicer):
     audit_lines: list[bytes] = field(default_factory=list)
     audit_page_cap: int = 7
     event_pages: list[pb.PollEventsResponse | Failure] = field(default_factory=list)
+    list_pages: dict[str, pb.ListInstancesResponse] = field(default_factory=dict)  # by page_token, if any
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _answer(self, method: str, request: Message, context: grpc.ServicerContext,
@@ -181,8 +182,10 @@ class FakeController(pb_grpc.HostControllerServicer):
     def DescribeInstance(self, request: Message, context: grpc.ServicerContext) -> Message:
         return self._answer("DescribeInstance", request, context)
 
-    def ListInstances(self, request: Message, context: grpc.ServicerContext) -> Message:
-        return self._answer("ListInstances", request, context)
+    def ListInstances(self, request: Any, context: grpc.ServicerContext) -> Message:
+        if not self.list_pages:
+            return self._answer("ListInstances", request, context)
+        return self._answer("ListInstances", request, context, lambda: self.list_pages[request.page_token])
 
     def GetHostIdentity(self, request: Message, context: grpc.ServicerContext) -> Message:
         return self._answer("GetHostIdentity", request, context)
@@ -550,6 +553,43 @@ def test_describe_and_list(pki: PkiPaths, server: Server) -> None:
                                        "memory_mib": 512}
     server.fake.responses["ListInstances"] = pb.ListInstancesResponse()
     assert pvctl(*connect(pki, server), "list").out == "(no instances)\n"
+    assert [r.request for r in server.fake.calls("ListInstances")][-1] == pb.ListInstancesRequest(page_size=256)
+
+
+def _summaries(first: int, count: int) -> list[pb.InstanceSummary]:
+    return [pb.InstanceSummary(instance_id=f"{i:08x}-0000-4000-8000-000000000000", state=pb.INSTANCE_STATE_RUNNING,
+                               vcpus=1, memory_mib=64) for i in range(first, first + count)]
+
+
+def test_list_walks_every_page(pki: PkiPaths, server: Server) -> None:
+    first, second, third = _summaries(0, 256), _summaries(256, 256), _summaries(512, 3)
+    server.fake.list_pages = {
+        "": pb.ListInstancesResponse(instances=first, next_page_token=first[-1].instance_id),
+        first[-1].instance_id: pb.ListInstancesResponse(instances=second, next_page_token=second[-1].instance_id),
+        second[-1].instance_id: pb.ListInstancesResponse(instances=third),
+    }
+    listed = pvctl(*connect(pki, server), "list", "--json").json()
+    assert [i["instance_id"] for i in listed["instances"]] == [s.instance_id for s in first + second + third]
+    assert "next_page_token" not in listed
+    assert [r.request for r in server.fake.calls("ListInstances")] == [
+        pb.ListInstancesRequest(page_size=256),
+        pb.ListInstancesRequest(page_size=256, page_token=first[-1].instance_id),
+        pb.ListInstancesRequest(page_size=256, page_token=second[-1].instance_id),
+    ]
+    text = pvctl(*connect(pki, server), "list").out.splitlines()
+    assert len(text) == 515 and text[-1] == f"{third[-1].instance_id} RUNNING vcpus=1 memory_mib=64"
+
+
+def test_list_refuses_a_server_whose_pages_do_not_move_forward(pki: PkiPaths, server: Server) -> None:
+    page = _summaries(5, 2)
+    server.fake.list_pages = {
+        "": pb.ListInstancesResponse(instances=page, next_page_token=page[-1].instance_id),
+        page[-1].instance_id: pb.ListInstancesResponse(instances=page, next_page_token=page[0].instance_id),
+    }
+    run = pvctl(*connect(pki, server), "list")
+    assert run.code == cli.EXIT_FAILED
+    assert "does not move forward" in run.error_line and run.out == ""
+    assert len(server.fake.calls("ListInstances")) == 2
 
 
 # -- volumes and virtual functions -------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hostagent.backend import VmRecord
-from hostagent.journal import FORMAT, Journal, JournalError, dumps, loads
-from hostagent.state import AgentState, Instance, Step, VfAttachment, VolumeAttachment
+from hostagent.backend import VmRecord, vf_device_id, volume_device_id
+from hostagent.journal import FORMAT, MAX_JOURNAL_BYTES, Journal, JournalError, dumps, loads
+from hostagent.state import MAX_EVENTS, MAX_INSTANCES, AgentState, Instance, Step, VfAttachment, VolumeAttachment
 from hostagent.wire.messages import EventKind, EventReason, InstanceState, PciAddress, VolumeSource
 
 IID = uuid.UUID("4a0f7c52-1d3e-4b6a-9c8d-2e5f6a7b8c9d")
@@ -112,8 +112,42 @@ def test_garbage_is_refused(data: bytes) -> None:
         loads(data)
 
 
+def _fullest_state() -> AgentState:
+    """MAX_INSTANCES records, each holding every device it may, and a full event queue."""
+    state = AgentState()
+    pf = PciAddress(0, 3, 0, 0)
+    for n in range(MAX_INSTANCES):
+        iid = uuid.UUID(int=(n << 96) | (4 << 76) | (2 << 62) | n)
+        volumes = tuple(VolumeAttachment(uuid.UUID(int=(n << 64) | (4 << 76) | (2 << 62) | v), VolumeSource.FILE,
+                                         False) for v in range(16))
+        vfs = tuple(VfAttachment(pf, PciAddress(0xFFFF, n % 256, 31, f), 255, b"\x02\xff\xff\xff\xff\xff", 4095)
+                    for f in range(8))
+        devices = (*(volume_device_id(v.volume_id) for v in volumes), *(vf_device_id(v.vf) for v in vfs))
+        vm = VmRecord(iid, 4194304, 1 << 40, Path(f"/run/passivisor-agent/{iid}"),
+                      Path(f"/run/passivisor-agent/{iid}/monitor.sock"), devices)
+        cpus = tuple(range(4 * n, 4 * n + 4))  # cores are exclusive: 4096 host CPUs (ids 0..4095) in all
+        state.begin_start(Instance(iid, InstanceState.STARTING, 4, 1 << 20, bytes(32), cpus))
+        state.step(iid, Step.LAUNCHED, vm=vm, volumes=volumes, vfs=vfs)
+    for _ in range(MAX_EVENTS):
+        state.events.append((1 << 62), EventKind.RECONCILE_MISMATCH, None, EventReason.PROTOCOL_VIOLATION)
+    return state
+
+
+def test_the_fullest_state_fits_the_journal_and_one_more_record_is_refused() -> None:
+    """1024 records fit the read cap with room to spare, so a full host restarts (C10)."""
+    data = dumps(_fullest_state())
+    assert len(data) < MAX_JOURNAL_BYTES // 2
+    assert len(loads(data).instances()) == MAX_INSTANCES
+    doc = json.loads(data)
+    extra = dict(doc["instances"][0], instance_id=str(uuid.uuid4()), state="STOPPED", host_cpus=[], volumes=[],
+                 vfs=[], vm=None)
+    doc["instances"].append(extra)
+    with pytest.raises(JournalError, match="more than 1024"):
+        loads(json.dumps(doc).encode())
+
+
 def test_an_oversized_journal_is_refused_without_parsing(tmp_path: Path) -> None:
-    (tmp_path / "state.json").write_bytes(b" " * (4 << 20) + b"{}")
+    (tmp_path / "state.json").write_bytes(b" " * MAX_JOURNAL_BYTES + b"{}")
     with pytest.raises(JournalError, match="larger than"):
         Journal(tmp_path).load()
 

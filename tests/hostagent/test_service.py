@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from inventory.fakesysfs import FakeKernel, FakePciHost, write_cpu_tree
 
 from hostagent import state as state_module
+from hostagent import wire
 from hostagent.backends.sim import SimBackend
 from hostagent.images import ImageStore, PublishedImage, publish
 from hostagent.inventory import allocator as alloc
@@ -143,6 +144,63 @@ def test_a_start_beyond_the_instance_bound_says_so_and_changes_nothing(host: Hos
         command = m.StartInstance(uuid.uuid4(), 2, 256, host.image.digest, host.image.signature)
         assert await host.service.handle(command) == m.Error(m.ErrorCode.TOO_MANY_INSTANCES)
         assert observed(host) == before
+
+    asyncio.run(scenario())
+
+
+def _numbered(n: int) -> uuid.UUID:
+    """The n-th of a family of RFC 9562 UUIDs, increasing with n (in bytes, as the wire orders them)."""
+    return uuid.UUID(f"{n:08x}-0000-4000-8000-000000000000")
+
+
+def _summary_ids(answer: m.Message) -> list[uuid.UUID]:
+    assert isinstance(answer, m.InstanceList)
+    wire.encode(wire.Frame(1, answer, bytes(m.MAC_SIZE)))  # a page the codec accepts: ordered, `more` only if full
+    return [s.instance_id for s in answer.instances]
+
+
+def test_listing_pages_with_a_cursor(host: Host) -> None:
+    """150 records come back in 3 pages of at most 64, in id order, each after the cursor it was asked for."""
+    ids = [_numbered(2 * n + 2) for n in range(150)]  # even numbers: the odd ones name no instance
+    host.service.state = AgentState(state_module.Instance(iid, m.InstanceState.STOPPED, 2, 256, bytes(32))
+                                    for iid in ids)
+
+    async def scenario() -> None:
+        walked: list[uuid.UUID] = []
+        cursor: uuid.UUID | None = None
+        pages = []
+        while True:
+            answer = await host.service.handle(m.ListInstances(cursor))
+            assert isinstance(answer, m.InstanceList)
+            page = _summary_ids(answer)
+            pages.append((len(page), answer.more))
+            walked += page
+            if not answer.more:
+                break
+            cursor = page[-1]
+        assert pages == [(64, True), (64, True), (22, False)]
+        assert walked == ids
+        # The nil cursor is the first page; a cursor naming no instance lists from where it would sort.
+        assert _summary_ids(await host.service.handle(m.ListInstances(None))) == ids[:64]
+        after_gap = await host.service.handle(m.ListInstances(_numbered(2 * 99 + 3)))
+        assert _summary_ids(after_gap) == ids[100:] and isinstance(after_gap, m.InstanceList) and not after_gap.more
+        assert await host.service.handle(m.ListInstances(ids[-1])) == m.InstanceList(False, ())
+
+    asyncio.run(scenario())
+
+
+def test_the_1025th_start_is_refused_and_changes_nothing(host: Host) -> None:
+    """At the real bound (1024 records, none of them forgettable), a start is TOO_MANY_INSTANCES."""
+    assert state_module.MAX_INSTANCES == 1024
+    host.service.state = AgentState(state_module.Instance(uuid.uuid4(), m.InstanceState.RUNNING, 2, 256, bytes(32))
+                                    for _ in range(1024))
+
+    async def scenario() -> None:
+        before = (host.service.state.instances(), host.journal.path.exists(), host.service.allocator.snapshot())
+        command = m.StartInstance(uuid.uuid4(), 2, 256, host.image.digest, host.image.signature)
+        assert await host.service.handle(command) == m.Error(m.ErrorCode.TOO_MANY_INSTANCES)
+        after = (host.service.state.instances(), host.journal.path.exists(), host.service.allocator.snapshot())
+        assert after == before
 
     asyncio.run(scenario())
 

@@ -268,3 +268,44 @@ def test_an_assignment_is_named_by_pf_and_mac() -> None:
         state.assign(iid, VfAttachment(VF, PciAddress(0, 3, 0, 2), 1, mac, 7), None)
     assert info.value.refusal is Refusal.INVALID_STATE
     assert snapshot(state) == before
+
+
+def _numbered(n: int) -> uuid.UUID:
+    """The n-th of a family of RFC 9562 UUIDs, increasing with n (in bytes, as the wire orders them)."""
+    return uuid.UUID(f"{n:08x}-0000-4000-8000-000000000000")
+
+
+def test_pages_follow_the_cursor_in_id_order() -> None:
+    ids = [_numbered(2 * n + 2) for n in range(150)]  # even numbers: the odd ones name no instance
+    state = AgentState(Instance(iid, InstanceState.STOPPED, 1, 64, DIGEST) for iid in reversed(ids))
+    before = snapshot(state)
+    first, more = state.page(None, 64)
+    assert [i.instance_id for i in first] == ids[:64] and more
+    second, more = state.page(first[-1].instance_id, 64)
+    assert [i.instance_id for i in second] == ids[64:128] and more
+    third, more = state.page(second[-1].instance_id, 64)
+    assert [i.instance_id for i in third] == ids[128:] and not more
+    # A cursor that names no instance (one forgotten between two pages): the walk goes on after it.
+    page, more = state.page(_numbered(2 * 99 + 3), 64)
+    assert [i.instance_id for i in page] == ids[100:] and not more
+    assert state.page(_numbered(1), 64) == (first, True)  # before every id: the same as the nil cursor
+    assert state.page(ids[-1], 64) == ((), False)
+    assert state.page(uuid.UUID("ffffffff-ffff-4fff-bfff-ffffffffffff"), 64) == ((), False)
+    assert snapshot(state) == before  # reading changes nothing
+
+
+def test_a_page_of_exactly_the_limit_is_the_last_when_nothing_follows() -> None:
+    state = AgentState(Instance(_numbered(n + 1), InstanceState.STOPPED, 1, 64, DIGEST) for n in range(64))
+    page, more = state.page(None, 64)
+    assert len(page) == 64 and not more
+    assert state.page(None, 63)[1]
+
+
+def test_the_bound_is_1024_records_and_the_1025th_start_is_refused() -> None:
+    assert MAX_INSTANCES == 1024
+    state = AgentState(Instance(_numbered(n + 1), InstanceState.RUNNING, 1, 64, DIGEST) for n in range(1024))
+    before = snapshot(state)
+    with pytest.raises(Refused) as info:
+        state.check_start(uuid.uuid4())
+    assert info.value.refusal is Refusal.TOO_MANY_INSTANCES and "1024" in info.value.detail
+    assert snapshot(state) == before

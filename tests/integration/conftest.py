@@ -288,8 +288,9 @@ class Client:
     def describe(self, instance_id: uuid.UUID) -> m.Message:
         return self.request(m.DescribeInstance(instance_id))
 
-    def listing(self) -> m.InstanceList:
-        return self.ok(m.ListInstances(), m.InstanceList)
+    def listing(self, after: uuid.UUID | None = None) -> m.InstanceList:
+        """One page: the first one, or the one after ``after``."""
+        return self.ok(m.ListInstances(after), m.InstanceList)
 
     def metrics(self) -> dict[m.MetricId, int]:
         return {s.metric: s.value for s in self.ok(m.GetMetrics(), m.Metrics).samples}

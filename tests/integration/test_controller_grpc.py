@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from inventory.fakesysfs import write_cpu_tree
 
 from controller.api.gen.passivisor.v1 import controller_pb2 as pb
 from controller.api.gen.passivisor.v1 import controller_pb2_grpc as pb_grpc
@@ -190,3 +191,130 @@ def test_identity_metrics_events_and_the_audit_trail(host: Host) -> None:
     assert records[0].kind == pb.AUDIT_RECORD_KIND_CHECKPOINT and len(records[0].checkpoint.signature) == 64
     assert {r.kind for r in records} >= {pb.AUDIT_RECORD_KIND_CALL, pb.AUDIT_RECORD_KIND_OUTCOME}
     assert all(b"envelope" not in r.encoded for r in records)
+
+
+# --- ListInstances paging --------------------------------------------------------------------------------------
+
+PAGED_INSTANCES = 150  # three agent pages of at most 64
+# The paged host's policy: the shipped one, plus ListInstances for the auditor limited to ids that begin
+# with one of these (about a quarter of the instances), to show that a scoped principal sees only its own.
+SCOPED_PREFIXES = ("0", "5", "a", "f")
+
+
+def _violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    trailers = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+    violations, _ = decode_status(trailers[STATUS_DETAILS_KEY], grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    return violations
+
+
+@pytest.mark.parametrize(("request_fields", "field"), [
+    ({"page_size": 257}, "page_size"),
+    ({"page_size": 1 << 31}, "page_size"),
+    ({"page_token": "NOT-A-UUID"}, "page_token"),
+    ({"page_token": "3F2A6C1E-9B4D-4E7A-8C21-5D6E7F809A1B"}, "page_token"),  # not canonical: uppercase
+    ({"page_token": "00000000-0000-0000-0000-000000000000"}, "page_token"),  # nil: use an empty token
+    ({"page_token": "3f2a6c1e-9b4d-4e7a-cc21-5d6e7f809a1b"}, "page_token"),  # not the RFC 9562 variant
+    ({"page_token": "3f2a6c1e9b4d4e7a8c215d6e7f809a1b"}, "page_token"),  # no hyphens
+    ({"page_token": "3f2a6c1e-9b4d-4e7a-8c21-5d6e7f809a1b" + "0" * 64}, "page_token"),
+], ids=["size-257", "size-2^31", "token-garbage", "token-uppercase", "token-nil", "token-variant", "token-hex",
+        "token-long"])
+def test_list_paging_parameters_out_of_bounds_are_refused(host: Host, request_fields: dict[str, object],
+                                                          field: str) -> None:
+    stub = host.stub("instance-manager")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ListInstances(pb.ListInstancesRequest(**request_fields), timeout=20)  # type: ignore[attr-defined]
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert [name for name, _ in _violations(info.value)] == [field]
+
+
+@pytest.fixture(scope="module")
+def paged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Host, list[str]]]:
+    """A host running PAGED_INSTANCES sim instances (one single-thread core each), and their ids in id order."""
+    root = tmp_path_factory.mktemp("paged")
+    sysfs = root / "sysfs"
+    write_cpu_tree(sysfs, [(cpu,) for cpu in range(PAGED_INSTANCES + 2)])
+    (sysfs / "bus" / "pci" / "devices").mkdir(parents=True)  # a host without SR-IOV
+    agent = agenthost.prepare(root / "agent", backend="sim", sysfs_root=sysfs, seccomp=False,
+                              memory_budget_mib=(PAGED_INSTANCES + 2) * 64)
+    agent_process = agenthost.start(agent)
+    shipped = (Path(controllerhost.__file__).parents[1] / "default_policy.toml").read_text()
+    granted = 'methods = ["ReadAuditLog", "GetHostIdentity"]'
+    assert shipped.count(granted) == 1  # the auditor's entry
+    policy = root / "policy.toml"
+    policy.write_text(shipped.replace(granted, 'methods = ["ReadAuditLog", "GetHostIdentity", "ListInstances"]\n'
+                                               f'instance_id_prefixes = {list(SCOPED_PREFIXES)!r}'.replace("'", '"')))
+    controller = controllerhost.prepare(root / "controller", agent, principal_rate_per_s=1e6,
+                                        principal_burst=1_000_000, instance_rate_per_s=1e6, instance_burst=1_000_000,
+                                        policy=policy)
+    process, endpoint = controllerhost.start(controller)
+    try:
+        big = Host(agent, controller, endpoint)
+        stub = big.stub("instance-manager")
+        ids = sorted(str(uuid.uuid4()) for _ in range(PAGED_INSTANCES))
+        for iid in ids:
+            request = pb.StartInstanceRequest(client_token=str(uuid.uuid4()), instance_id=iid, vcpus=1, memory_mib=64,
+                                              image_digest=agent.image_digest, image_signature=agent.image_signature)
+            stub.StartInstance(request, timeout=20)  # type: ignore[attr-defined]
+        yield big, ids
+    finally:
+        agenthost.stop(process)
+        agenthost.stop(agent_process)
+        agenthost.kill_vms(agent)
+
+
+def _walk(stub: object, page_size: int) -> list[list[str]]:
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        answer = stub.ListInstances(pb.ListInstancesRequest(page_size=page_size, page_token=token),  # type: ignore[attr-defined]
+                                    timeout=20)
+        pages.append([i.instance_id for i in answer.instances])
+        if not answer.next_page_token:
+            return pages
+        assert answer.next_page_token == pages[-1][-1]  # the id of the last instance of the page
+        token = answer.next_page_token
+        assert len(pages) <= PAGED_INSTANCES
+
+
+@pytest.mark.parametrize(("page_size", "sizes"), [
+    (0, [64, 64, 22]),  # absent: 64, one agent page each
+    (100, [100, 50]),  # each gRPC page from two agent pages
+    (150, [150]),  # exactly every instance: no token, the agent said nothing follows
+    (256, [150]),
+    (64, [64, 64, 22]),
+    (75, [75, 75]),  # the last page is full, and still the last: nothing follows it
+    (1, [1] * 150),
+])
+def test_walking_the_pages_returns_every_instance_once_in_id_order(paged: tuple[Host, list[str]], page_size: int,
+                                                                   sizes: list[int]) -> None:
+    host, ids = paged
+    pages = _walk(host.stub("instance-manager"), page_size)
+    assert [len(page) for page in pages] == sizes
+    assert [iid for page in pages for iid in page] == ids
+
+
+def test_a_page_token_naming_no_instance_lists_from_where_it_would_sort(paged: tuple[Host, list[str]]) -> None:
+    host, ids = paged
+    stub = host.stub("instance-manager")
+    for token, expected in (("00000000-0000-4000-8000-000000000000", ids[:64]),  # before every id
+                            ("ffffffff-ffff-4fff-bfff-ffffffffffff", [])):  # after every id
+        answer = stub.ListInstances(pb.ListInstancesRequest(page_token=token), timeout=20)  # type: ignore[attr-defined]
+        assert [i.instance_id for i in answer.instances] == expected
+        assert answer.next_page_token == (ids[63] if expected else "")
+    # An instance forgotten between two pages does not stop the walk: a token is only a position.
+    gone = str(uuid.uuid4())
+    expected = [iid for iid in ids if iid > gone][:10]
+    answer = stub.ListInstances(pb.ListInstancesRequest(page_size=10, page_token=gone), timeout=20)  # type: ignore[attr-defined]
+    assert [i.instance_id for i in answer.instances] == expected
+
+
+@pytest.mark.parametrize("page_size", [0, 1, 7, 64, 256])
+def test_a_principal_limited_to_prefixes_lists_only_its_instances(paged: tuple[Host, list[str]],
+                                                                  page_size: int) -> None:
+    """Every page holds only instances in scope, every token names one, and the walk shows each of them once."""
+    host, ids = paged
+    scoped = [iid for iid in ids if iid.startswith(SCOPED_PREFIXES)]
+    assert 0 < len(scoped) < len(ids)  # the test means something
+    pages = _walk(host.stub("auditor"), page_size)
+    assert [iid for page in pages for iid in page] == scoped
+    assert all(iid.startswith(SCOPED_PREFIXES) for page in pages for iid in page)  # tokens: _walk checks them

@@ -27,20 +27,27 @@ controller's code, in the controller's order (controller/grpc_service.py, "the o
    RESOURCE_EXHAUSTED; else OK with the exact expected response.
 
 The model changes only when the real call succeeded and was not a replay.  After every step the
-invariant compares the host with the model: ListInstances, DescribeInstance of every instance the model
+invariant compares the host with the model: ListInstances (every page of a walk), DescribeInstance of every
+instance the model
 knows (state, vCPUs, memory, pinned CPUs, volumes), and the agent's own allocator gauges from GetMetrics
 (free cores, free memory, running instances); no CPU is held twice, the reserved CPU never.
 
 Isolation between examples: the agent and the controller live for the whole module, and the agent keeps
-the record of every instance it has seen (at most 64, forgetting the lowest-sorted record that holds
+the record of every instance it has seen (at most 1024, forgetting the lowest-sorted record that holds
 nothing).  Each example therefore uses ids of its own, which sort after every earlier example's, and
 starts by force-stopping whatever the previous one left running: the model starts empty, the earlier
 records it ignores hold nothing and are the first to be forgotten.
+
+Paging: a ListInstances step asks for one page (a random page_size, and a page_token that is one of the
+example's ids or none): the page must be ordered, after its token, at most page_size long, carry a
+next_page_token exactly when it is full (the id of its last instance), and show exactly the model's
+instances in the range it covers.  The invariant walks every page.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -67,6 +74,7 @@ from controller.api.gen.passivisor.v1 import controller_pb2_grpc as pb_grpc
 from controller.devhost import agenthost, controllerhost
 from controller.pki import DEFAULT_ROLES, issue_client_cert, load_ca
 from hostagent.images import load_private_key, sign_image
+from hostagent.state import MAX_INSTANCES
 
 # --- the host --------------------------------------------------------------------------------------------
 
@@ -176,6 +184,19 @@ def host(tmp_path_factory: pytest.TempPathFactory, agent_seccomp: bool) -> Itera
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
+def list_all(stub: Any) -> list[Any]:
+    """Every instance the host lists, page by page (page_size 256) until next_page_token is empty."""
+    instances: list[Any] = []
+    token = ""
+    while True:
+        answer = stub.ListInstances(pb.ListInstancesRequest(page_size=256, page_token=token), timeout=CALL_TIMEOUT_S)
+        instances += answer.instances
+        if not answer.next_page_token:
+            return instances
+        assert answer.next_page_token > token, "ListInstances does not move forward"
+        token = answer.next_page_token
+
+
 def _is_id(text: str) -> bool:
     return _UUID.fullmatch(text) is not None
 
@@ -215,6 +236,9 @@ def violations(method: str, r: Any) -> list[str]:
         checks["max_records"] = 1 <= r.max_records <= 1000
     elif method == "PollEvents":
         checks["max_events"] = 1 <= r.max_events <= 64
+    elif method == "ListInstances":
+        checks["page_size"] = r.page_size <= 256  # 0 (absent) means the default
+        checks["page_token"] = r.page_token == "" or _is_id(r.page_token)  # empty: the first page
     return [name for name, ok in checks.items() if not ok]
 
 
@@ -250,11 +274,13 @@ _OTHER_BREAKS: dict[str, tuple[str, ...]] = {
     "ReleaseVirtualFunction": ("virtual_function=missing", "virtual_function.function=8"),
     "ReadAuditLog": ("max_records=0", "max_records=1001"),
     "PollEvents": ("max_events=0", "max_events=65"),
+    # An empty page_token is valid (the first page), so it is broken only from a set one (``build``).
+    "ListInstances": ("page_size=257", *(f"page_token:{kind}" for kind in BAD_IDS if kind != "empty")),
 }
 BREAKS: dict[str, tuple[str, ...]] = {
     method: tuple(f"{name}:{kind}" for name in _ID_FIELDS.get(method, ()) for kind in BAD_IDS)
     + _OTHER_BREAKS.get(method, ())
-    for method in (*MUTATING, "DescribeInstance", *READ_ONLY_OTHERS)
+    for method in (*MUTATING, "DescribeInstance", "ListInstances", *READ_ONLY_OTHERS)
 }
 
 
@@ -325,7 +351,9 @@ ARGS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "ReleaseVirtualFunction": st.fixed_dictionaries({
         "slot": SLOTS, "vf_function": st.integers(0, 7), "broken": sometimes_broken("ReleaseVirtualFunction")}),
     "DescribeInstance": st.fixed_dictionaries({"slot": SLOTS, "broken": sometimes_broken("DescribeInstance")}),
-    "ListInstances": st.fixed_dictionaries({"broken": st.none()}),
+    "ListInstances": st.fixed_dictionaries({
+        "page_size": st.sampled_from([0, 1, 2, 3, 64, 256]), "after": st.none() | SLOTS,
+        "broken": sometimes_broken("ListInstances")}),
     "GetHostIdentity": st.fixed_dictionaries({"broken": st.none()}),
     "GetMetrics": st.fixed_dictionaries({"broken": st.none()}),
     "PollEvents": st.fixed_dictionaries({"broken": sometimes_broken("PollEvents")}),
@@ -427,11 +455,11 @@ class ControllerMachine(RuleBasedStateMachine):
 
     def _clean_up_previous_example(self) -> None:
         manager = self.host.stubs["instance-manager"]
-        for summary in manager.ListInstances(pb.ListInstancesRequest(), timeout=CALL_TIMEOUT_S).instances:
+        for summary in list_all(manager):
             if summary.state == RUNNING:
                 manager.StopInstance(pb.StopInstanceRequest(client_token=self._token(), instance_id=summary.instance_id,
                                                             mode=pb.STOP_MODE_FORCE), timeout=CALL_TIMEOUT_S)
-        listed = manager.ListInstances(pb.ListInstancesRequest(), timeout=CALL_TIMEOUT_S).instances
+        listed = list_all(manager)
         assert not [i.instance_id for i in listed if i.state in HOLDING], "the previous example left instances"
 
     # --- derived model state ----------------------------------------------------------------------------
@@ -486,6 +514,12 @@ class ControllerMachine(RuleBasedStateMachine):
                 virtual_function=pb.PciAddress(domain=0, bus=0x3b, device=2, function=args["vf_function"]))
         elif method == "DescribeInstance":
             r = pb.DescribeInstanceRequest(instance_id=self.ids[args["slot"]])
+        elif method == "ListInstances":
+            after = args["after"]
+            if after is None and (args["broken"] or "").startswith("page_token"):
+                after = 0  # a token to break
+            r = pb.ListInstancesRequest(page_size=args["page_size"],
+                                        page_token="" if after is None else self.ids[after])
         elif method == "PollEvents":
             r = pb.PollEventsRequest(after_cursor=0, max_events=8)  # after 0: a peek, nothing acknowledged
         elif method == "ReadAuditLog":
@@ -519,7 +553,7 @@ class ControllerMachine(RuleBasedStateMachine):
     def agent_answer(self, method: str, r: Any) -> Expected:
         """The agent's rules for a valid, authorized request, in the agent's order of checks."""
         if method == "ListInstances":
-            return Expected(OK, "", check=self.check_listing)
+            return Expected(OK, "", check=functools.partial(self.check_page, r))
         if method == "GetHostIdentity":
             return Expected(OK, "", check=_check_identity)
         if method == "GetMetrics":
@@ -603,15 +637,31 @@ class ControllerMachine(RuleBasedStateMachine):
         if method in MUTATING:
             self.sent.append(Sent(role, method, request))
 
-    def check_listing(self, answer: Any) -> None:
+    def check_listing(self, instances: list[Any]) -> None:
+        """Every page of a walk together: this example's instances are the model's, earlier ones hold nothing."""
+        self.check_range(instances, "", "")
+        assert len(instances) == len({i.instance_id for i in instances}) <= MAX_INSTANCES
+
+    def check_range(self, instances: Any, after: str, through: str) -> None:
+        """``instances`` are every instance whose id sorts after ``after`` and up to ``through`` ("": no end)."""
         prefix = self._uuid(0, 0)[:8]
-        ours = {i.instance_id: (i.state, i.vcpus, i.memory_mib) for i in answer.instances
+        ours = {i.instance_id: (i.state, i.vcpus, i.memory_mib) for i in instances
                 if i.instance_id.startswith(prefix)}
-        assert ours == {iid: (i.state, i.vcpus, i.memory_mib) for iid, i in self.instances.items()}
-        holding = [i.instance_id for i in answer.instances
-                   if not i.instance_id.startswith(prefix) and i.state in HOLDING]
+        assert ours == {iid: (i.state, i.vcpus, i.memory_mib) for iid, i in self.instances.items()
+                        if iid > after and (not through or iid <= through)}
+        holding = [i.instance_id for i in instances if not i.instance_id.startswith(prefix) and i.state in HOLDING]
         assert not holding, f"instances of an earlier example hold resources: {holding}"
-        assert len(answer.instances) == len({i.instance_id for i in answer.instances}) <= 64
+
+    def check_page(self, request: Any, answer: Any) -> None:
+        """One page: ordered ids after the token, at most page_size, and a token exactly when it is full and
+        more may follow (the canonical id of its last instance)."""
+        ids = [i.instance_id for i in answer.instances]
+        assert ids == sorted(set(ids)) and all(iid > request.page_token for iid in ids), ids
+        size = request.page_size or 64
+        assert len(ids) <= size
+        if answer.next_page_token:
+            assert len(ids) == size and answer.next_page_token == ids[-1], (len(ids), answer.next_page_token)
+        self.check_range(answer.instances, request.page_token, answer.next_page_token)
 
     # --- rules ------------------------------------------------------------------------------------------
 
@@ -677,9 +727,9 @@ class ControllerMachine(RuleBasedStateMachine):
     def describe_instance(self, role: str, args: dict[str, Any]) -> None:
         self.call(role, "DescribeInstance", self.build("DescribeInstance", args))
 
-    @rule(role=role_for("ListInstances"))
-    def list_instances(self, role: str) -> None:
-        self.call(role, "ListInstances", self.build("ListInstances", {"broken": None}))
+    @rule(role=role_for("ListInstances"), args=ARGS["ListInstances"])
+    def list_instances(self, role: str, args: dict[str, Any]) -> None:
+        self.call(role, "ListInstances", self.build("ListInstances", args))
 
     @rule(data=st.data(), method=st.sampled_from(READ_ONLY_OTHERS))
     def read_only_call(self, data: st.DataObject, method: str) -> None:
@@ -710,7 +760,7 @@ class ControllerMachine(RuleBasedStateMachine):
     @invariant()
     def the_host_matches_the_model(self) -> None:
         manager = self.host.stubs["instance-manager"]
-        self.check_listing(manager.ListInstances(pb.ListInstancesRequest(), timeout=CALL_TIMEOUT_S))
+        self.check_listing(list_all(manager))
         held: list[int] = []
         for iid in self.instances:
             described = manager.DescribeInstance(pb.DescribeInstanceRequest(instance_id=iid),

@@ -138,6 +138,16 @@ def metric_samples() -> st.SearchStrategy[m.MetricSample]:
 
 
 @st.composite
+def instance_lists(draw: st.DrawFn) -> m.InstanceList:
+    """Pages of any size; a full page (drawn often, or `more` would hardly ever be set) may say more follow."""
+    full = draw(st.booleans())
+    instances = draw(sorted_unique(instance_summaries(), m.MAX_LISTED_INSTANCES, lambda s: s.instance_id.bytes,
+                                   min_size=m.MAX_LISTED_INSTANCES if full else 0))
+    more = draw(st.booleans()) if len(instances) == m.MAX_LISTED_INSTANCES else False
+    return m.InstanceList(more, instances)
+
+
+@st.composite
 def events_with_cursor(draw: st.DrawFn, cursor: int) -> m.Event:
     kind = draw(st.sampled_from(m.EventKind))
     instance_id = None if kind in HOST_LEVEL_KINDS else draw(uuids())
@@ -168,15 +178,12 @@ MESSAGE_STRATEGIES: dict[m.MessageType, st.SearchStrategy[Any]] = {
     m.MessageType.ASSIGN_VF: st.builds(m.AssignVf, uuids(), pci_addresses(), macs(), st.integers(0, m.MAX_VLAN)),
     m.MessageType.RELEASE_VF: st.builds(m.ReleaseVf, uuids(), pci_addresses()),
     m.MessageType.DESCRIBE_INSTANCE: st.builds(m.DescribeInstance, uuids()),
-    m.MessageType.LIST_INSTANCES: st.just(m.ListInstances()),
+    m.MessageType.LIST_INSTANCES: st.builds(m.ListInstances, st.none() | uuids()),
     m.MessageType.GET_METRICS: st.just(m.GetMetrics()),
     m.MessageType.GET_EVENTS: st.builds(m.GetEvents, st.integers(0, U64), st.integers(1, m.MAX_EVENTS_PER_PULL)),
     m.MessageType.PONG: st.builds(m.Pong, st.integers(0, U64)),
     m.MessageType.INSTANCE_INFO: instance_infos(),
-    m.MessageType.INSTANCE_LIST: st.builds(
-        m.InstanceList,
-        sorted_unique(instance_summaries(), m.MAX_LISTED_INSTANCES, lambda s: s.instance_id.bytes),
-    ),
+    m.MessageType.INSTANCE_LIST: instance_lists(),
     m.MessageType.VOLUME_STATUS: st.builds(m.VolumeStatus, uuids(), uuids(), st.sampled_from(m.VolumeState)),
     m.MessageType.VF_STATUS: st.builds(
         m.VfStatus, uuids(), pci_addresses(), st.integers(0, m.MAX_VF_INDEX), st.sampled_from(m.VfState)
@@ -240,14 +247,14 @@ EXAMPLES: dict[m.MessageType, Any] = {
     m.MessageType.ASSIGN_VF: m.AssignVf(ID_A, PCI_A, b"\x02\x00\x00\x00\x00\x01", 100),
     m.MessageType.RELEASE_VF: m.ReleaseVf(ID_A, PCI_B),
     m.MessageType.DESCRIBE_INSTANCE: m.DescribeInstance(ID_A),
-    m.MessageType.LIST_INSTANCES: m.ListInstances(),
+    m.MessageType.LIST_INSTANCES: m.ListInstances(ID_B),
     m.MessageType.GET_METRICS: m.GetMetrics(),
     m.MessageType.GET_EVENTS: m.GetEvents(7, 64),
     m.MessageType.PONG: m.Pong(0x0102030405060708),
     m.MessageType.INSTANCE_INFO: m.InstanceInfo(
         ID_A, m.InstanceState.RUNNING, 2, 512, b"\xd1" * 32, (4, 5), (ID_B,), (PCI_A, PCI_B)
     ),
-    m.MessageType.INSTANCE_LIST: m.InstanceList((
+    m.MessageType.INSTANCE_LIST: m.InstanceList(False, (
         m.InstanceSummary(ID_A, m.InstanceState.RUNNING, 2, 512),
         m.InstanceSummary(ID_B, m.InstanceState.STOPPED, 4, 1024),
     )),

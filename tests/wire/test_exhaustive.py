@@ -22,7 +22,7 @@ accepted frame must also re-encode to the same bytes (property 4).
 
 Where a rule ties two fields together (INSTANCE_INFO vcpus and host_cpus,
 EVENTS next_cursor and the cursors, an event's kind and instance id, STOP_INSTANCE
-mode and timeout_s), each value is tried both as is and with the companion
+mode and timeout_s, INSTANCE_LIST more and the page size), each value is tried both as is and with the companion
 field adjusted, so that every accepted value is seen accepted at least once.
 
 The build side (property 7) is walked too: every bounded field just outside
@@ -30,7 +30,7 @@ its range, and every list one item over its maximum, must make ``encode``
 raise instead of wrapping or truncating.
 
 Runtime here (2 cores): about 10-15 s for the whole file, most of it the 2^16
-flag values on each of the 26 base frames; no sampling was needed.
+flag values on each of the 28 base frames; no sampling was needed.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ RULES: dict[str, dict[tuple[str, ...], Rule]] = {
     "ASSIGN_VF": {**_pci("pf"), ("vlan",): span(0, 4095)},
     "RELEASE_VF": _pci("vf"),
     "DESCRIBE_INSTANCE": {},
-    "LIST_INSTANCES": {},
+    "LIST_INSTANCES": {},  # its one field, the cursor, is a nullable UUID (test_identifier_fields)
     "GET_METRICS": {},
     "GET_EVENTS": {("after",): ANY, ("limit",): span(1, 64)},
     "PONG": {("token",): ANY},
@@ -139,7 +139,7 @@ RULES: dict[str, dict[tuple[str, ...], Rule]] = {
         ("vfs", "#"): count(8), **_pci_item("vfs"),
     },
     "INSTANCE_LIST": {
-        ("instances", "#"): count(64), ("instances", "*", "state"): INSTANCE_STATES,
+        ("more",): BOOL, ("instances", "#"): count(64), ("instances", "*", "state"): INSTANCE_STATES,
         ("instances", "*", "vcpus"): VCPUS, ("instances", "*", "memory_mib"): MEMORY,
     },
     "VOLUME_STATUS": {("state",): one_of(1, 2)},
@@ -193,6 +193,8 @@ def cross_field_ok(type_name: str, v: dict[str, Any]) -> bool:
         return len(v["host_cpus"]) == v["vcpus"]
     if type_name == "EVENTS":
         return not v["events"] or v["next_cursor"] >= v["events"][-1]["cursor"]
+    if type_name == "INSTANCE_LIST":  # more follow only after a full page
+        return not v["more"] or len(v["instances"]) == 64
     return True
 
 
@@ -355,6 +357,8 @@ def companions(type_name: str, path: tuple[Any, ...], value: Any, values: dict[s
             return {**values, "host_cpus": [], "volumes": [], "vfs": []}
         if path == ("state",) and values["vcpus"] <= 128:
             return {**values, "host_cpus": list(range(values["vcpus"]))}
+    if type_name == "INSTANCE_LIST" and path == ("more",) and value == 1 and len(values["instances"]) != 64:
+        return {**values, "instances": _count_items(type_name, "instances", 64)}
     if type_name == "EVENTS":
         last = len(values["events"]) - 1
         if path == ("next_cursor",) and values["events"] and value < values["events"][-1]["cursor"]:
@@ -594,6 +598,8 @@ def _count_cases(type_name: str, field: str, n: int, base: dict[str, Any]) -> li
             cases.append({**running, "host_cpus": list(range(base["vcpus"]))})
     if type_name == "EVENTS" and n:
         cases.append({**values, "next_cursor": n})
+    if type_name == "INSTANCE_LIST" and base["more"] and n != 64:
+        cases.append({**values, "more": 0})  # a short page is the last one
     return cases
 
 
@@ -605,7 +611,7 @@ def test_identifier_fields(type_name: str, index: int) -> None:
     for path in uuid_leaves(fields):
         base = mv.base(type_name, index)
         for position in concrete(path, base):
-            nullable = path == ("events", "*", "instance_id")
+            nullable = path in (("events", "*", "instance_id"), ("after",))
             for variant in range(256):
                 raw = bytearray(mv.INSTANCE_A.bytes if path[0] != "volumes" else mv.VOLUME_A.bytes)
                 raw[8] = variant
