@@ -200,7 +200,7 @@ def run(profile: Profile) -> Iterator[Result]:
             yield from _lifecycle(profile, agent, durable, volatile)
         finally:
             agenthost.stop(agent_process)
-            agenthost.kill_vms(agent)
+            agenthost.discard(agent)
 
 
 # --- controller.describe ------------------------------------------------------------

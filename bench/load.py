@@ -638,8 +638,7 @@ def run_sim(root: Path, *, clients: int, seconds: float, baseline_rounds: int,
             _stop_process("controller", controller_process, "sim", report.unexpected)
     finally:
         _stop_process("agent", agent_process, "sim", report.unexpected)
-        agenthost.kill_vms(agent)
-        shutil.rmtree(agent.runtime_dir, ignore_errors=True)  # outside ``root``: in the temporary directory
+        agenthost.discard(agent)  # its runtime directory is outside ``root``, in the temporary directory
     return report
 
 
@@ -861,8 +860,7 @@ def run_qemu(root: Path, *, seconds: float) -> PhaseReport:
             _stop_process("controller", controller_process, "qemu", report.unexpected)
     finally:
         _stop_process("agent", agent_process, "qemu", report.unexpected)
-        agenthost.kill_vms(agent)
-        shutil.rmtree(agent.runtime_dir, ignore_errors=True)
+        agenthost.discard(agent)
     return report
 
 

@@ -244,8 +244,7 @@ def _processes() -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
 
 def _cleanup_agent(agent: agenthost.AgentHost) -> None:
     """SIGKILL the agent's VMs (stopping an agent leaves them running) and remove its runtime directory."""
-    agenthost.kill_vms(agent)
-    shutil.rmtree(agent.runtime_dir, ignore_errors=True)  # outside the temporary directory: in /tmp
+    agenthost.discard(agent)  # its runtime directory is outside the temporary directory: in /tmp
 
 
 def _prepare_agent(directory: Path, sysfs: Path, instances: int) -> agenthost.AgentHost:

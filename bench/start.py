@@ -332,8 +332,7 @@ def run(profile: Profile) -> Iterator[Result]:
                 agenthost.stop(controller_process)
         finally:
             agenthost.stop(agent_process)
-            agenthost.kill_vms(agent)
-            shutil.rmtree(agent.runtime_dir, ignore_errors=True)
+            agenthost.discard(agent)
     yield _result("start.start_to_ready", samples, "ready", target_ratio=1.1)
     yield _result("start.start_to_qmp_ready", samples, "qmp_ready")
     yield _result("start.attach_to_visible", samples, "visible", target_ratio=1.2, volume="raw file",

@@ -80,8 +80,7 @@ def run(profile: Profile) -> Iterator[Result]:
                 agenthost.stop(controller_process)
         finally:
             agenthost.stop(agent_process)
-            agenthost.kill_vms(agent)
-            shutil.rmtree(agent.runtime_dir, ignore_errors=True)
+            agenthost.discard(agent)
 
 
 def _stub(host: controllerhost.ControllerHost, endpoint: str, role: str) -> Any:

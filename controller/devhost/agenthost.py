@@ -205,3 +205,19 @@ def remove_runtime_dir(runtime_dir: Path) -> bool:
         return False
     shutil.rmtree(runtime_dir, ignore_errors=True)
     return not runtime_dir.exists()
+
+
+def discard(host: AgentHost) -> int:
+    """Test and benchmark teardown, after the agent stopped: kill ``host``'s VMs, remove its runtime directory.
+
+    Returns how many VM processes were still running (``kill_vms``).
+    """
+    from hostagent import process
+
+    killed = kill_vms(host)
+    deadline = time.monotonic() + 5.0  # SIGKILLed VMs vanish once their new parent has reaped them
+    while process.find_by_argument(str(host.runtime_dir).encode()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    remove_runtime_dir(host.runtime_dir)
+    return killed
+

@@ -48,6 +48,7 @@ import grpc
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from google.protobuf.message import DecodeError
+from polling import wait_until
 
 from controller.api.gen.passivisor.v1 import controller_pb2 as pb
 from controller.api.gen.passivisor.v1 import controller_pb2_grpc as pb_grpc
@@ -66,17 +67,6 @@ IM = role_principal("instance-manager")
 AUDITOR = role_principal("auditor")
 
 AuditKey = tuple[str, str, int, str]  # principal, method, decision, outcome
-
-
-def wait_until(probe: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def own_read(record: Any) -> bool:
@@ -200,7 +190,7 @@ class Host:
             found = relevant()
             return len(found) >= expected
         if expected:
-            wait_until(enough, what=f"{expected} audit records")
+            wait_until(enough, what=f"{expected} audit records", timeout=10)
         time.sleep(0.3)  # the group commit writes within milliseconds: a record too many would be there now
         return relevant()
 
@@ -772,7 +762,7 @@ def test_a_flood_of_tls_connections_is_served(host: Host, before: Before) -> Non
     assert results == ["OK"] * 200
     assert bystander.errors == [] and bystander.calls > 0
     assert bystander.slowest < 2.0, f"a bystander's call took {bystander.slowest:.2f} s during the flood"
-    wait_until(lambda: host.fd_count() <= fds + 4, what="the controller to close the flood's connections")
+    wait_until(lambda: host.fd_count() <= fds + 4, what="the controller to close the flood's connections", timeout=10)
     # Every call of the flood and of the bystander is in the audit log, and nothing else.
     assert len(host.audit_since(before.mark, 200 + bystander.calls)) == 200 + bystander.calls
     host.settled(before, [(IM, "DescribeInstance", ALLOWED, "OK")] * 200, ignore=bystander.made)
@@ -811,7 +801,7 @@ def test_half_open_stalled_and_garbage_connections_do_not_block_service(host: Ho
     finally:
         for sock in held:
             sock.close()
-    wait_until(lambda: host.fd_count() <= fds + 4, what="the controller to close the held connections")
+    wait_until(lambda: host.fd_count() <= fds + 4, what="the controller to close the held connections", timeout=10)
     host.settled(before, [], ignore=bystander.made)  # nothing else reached a handler: no other record
 
 
