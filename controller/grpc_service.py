@@ -233,7 +233,7 @@ class _PoolContext:
         raise _Aborted(code, details)
 
 
-def _unary_on_pool(path: str, pipeline: Callable[[bytes, CallContext], bytes]) -> grpc.RpcMethodHandler:
+def unary_on_pool(path: str, pipeline: Callable[[bytes, CallContext], bytes]) -> grpc.RpcMethodHandler:
     """A unary method whose request is received on the event loop and handled by ``pipeline`` in the pool.
 
     The method is registered as client-streaming so that this coroutine, not
@@ -275,11 +275,11 @@ class HostControllerHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
         path = handler_call_details.method
         if path == HEALTH_CHECK:
-            return _unary_on_pool(path, self._health)
+            return unary_on_pool(path, self._health)
         method = pol.Method.from_path(path)
         if method is None:
             return None  # UNIMPLEMENTED: not a method of this service
-        return _unary_on_pool(path, functools.partial(self._call, method))
+        return unary_on_pool(path, functools.partial(self._call, method))
 
     # --- the pipeline ----------------------------------------------------------------
 

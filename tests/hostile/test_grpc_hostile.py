@@ -894,7 +894,7 @@ def test_a_few_callers_stalled_mid_request_leave_the_others_served(host: Host, b
             assert isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.UNIMPLEMENTED
             assert "requires exactly one request message" in error.details()
     # The proper call is the one record: the stalled streams were refused before the pipeline ran
-    # (controller/grpc_service.py, _unary_on_pool), as the synchronous grpc server refused them.
+    # (controller/grpc_service.py, unary_on_pool), as the synchronous grpc server refused them.
     host.settled(before, [(IM, "ListInstances", ALLOWED, "OK")])
 
 
